@@ -1,0 +1,1 @@
+"""Interactive apps (the Gradio app arrives with its own issue)."""

@@ -1,0 +1,1 @@
+"""The polm engine: hooks, plugin manager, registries, pipeline, training loop, CLI."""

@@ -1,0 +1,97 @@
+"""Checkpoints: Hugging Face folders written atomically, plus the training state.
+
+A checkpoint folder holds the model as ``save_pretrained`` writes it
+(safetensors; a peft adapter for adapter methods), the tokenizer, and
+``trainer_state.json`` / ``optimizer.pt`` / ``scheduler.pt`` /
+``rng_state_<rank>.pt`` so that a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+@contextmanager
+def atomic_directory(target: Path):
+    """Yield a temporary sibling folder that replaces ``target`` only when the block succeeds."""
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(temporary, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temporary, target)
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """``save_pretrained`` for the model (safetensors) and its tokenizer."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(
+    directory: Path, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int, extra: dict
+) -> None:
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    torch.save(rng_state(), directory / f"rng_state_{rank}.pt")
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=2))
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> dict:
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(directory / f"rng_state_{rank}.pt", weights_only=False))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``stage_dir`` (temporary folders are ignored)."""
+    candidates = [
+        path for path in Path(stage_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if path.is_dir() and (path / STATE_FILE).is_file()
+    ]
+    return max(candidates, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)

@@ -1,0 +1,202 @@
+"""Rows, datasets and their validation.
+
+A dataset is a list of rows (dicts). polm reads JSONL files and bundled
+datasets referenced as ``polm:<name>``. The row formats, told apart by their
+keys:
+
+=================  ==========================================  ======================
+format             keys                                        used by
+=================  ==========================================  ======================
+``text``           ``text``                                    language modelling
+``completion``     ``prompt``, ``completion``                  SFT
+``chat``           ``messages``: ``[{role, content}, ...]``     SFT (assistant turns)
+``preference``     ``prompt``, ``chosen``, ``rejected``        DPO, reward models
+``task``           ``prompt``, ``answer``                      evaluation, RL, SFT
+=================  ==========================================  ======================
+
+A message's ``content`` is a string, or a list of parts
+(``{"type": "text", "text": ...}``, ``{"type": "image", "path": ...}``,
+``{"type": "audio", "path": ...}``) so that one chat row can hold images and
+sound; relative paths are resolved against the JSONL file's folder. A
+``prompt`` may be a string or a list of messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from polm.engine.errors import PolmError
+
+Row = dict[str, Any]
+ROW_FORMATS: tuple[str, ...] = ("text", "completion", "chat", "preference", "task")
+ROLES = ("system", "user", "assistant")
+PART_TYPES = {"text": "text", "image": "path", "audio": "path"}
+BUNDLED_PREFIX = "polm:"
+
+
+@dataclass
+class BundledDataset:
+    """A dataset made or shipped by a plugin, referenced as ``polm:<name>``.
+
+    Args:
+        build: ``build(split) -> rows``; must be deterministic.
+        splits: the split names ``build`` accepts.
+        description: one line for ``polm plugins``.
+    """
+
+    build: Callable[[str], list[Row]]
+    splits: tuple[str, ...] = ("train", "test")
+    description: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def row_format(row: Row) -> str:
+    """The format of ``row`` (see the module docstring); ``""`` if none matches."""
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row:
+        if "chosen" in row and "rejected" in row:
+            return "preference"
+        if "completion" in row:
+            return "completion"
+        if "answer" in row:
+            return "task"
+    if "text" in row:
+        return "text"
+    return ""
+
+
+def validate_row(row: Any, where: str, base_dir: Path | None = None) -> Row:
+    """Check one row's fields and types; resolve relative media paths.
+
+    Raises:
+        PolmError: naming ``where`` (``file:line``) and the offending field.
+    """
+    if not isinstance(row, dict):
+        raise PolmError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    fmt = row_format(row)
+    if not fmt:
+        raise PolmError(
+            f"{where}: cannot tell the row format from its fields {sorted(row)}; expected one of "
+            "{text} | {prompt, completion} | {messages} | {prompt, chosen, rejected} | {prompt, answer}"
+        )
+    row = dict(row)
+    if fmt == "chat":
+        row["messages"] = _validate_messages(row["messages"], "messages", where, base_dir)
+    elif fmt == "text":
+        _expect_str(row["text"], "text", where)
+    else:
+        if isinstance(row["prompt"], list):
+            row["prompt"] = _validate_messages(row["prompt"], "prompt", where, base_dir)
+        else:
+            _expect_str(row["prompt"], "prompt", where)
+        for key in {"completion": ("completion",), "preference": ("chosen", "rejected"), "task": ("answer",)}[fmt]:
+            if fmt == "task" and isinstance(row[key], (int, float)) and not isinstance(row[key], bool):
+                row[key] = str(row[key])
+            _expect_str(row[key], key, where)
+    return row
+
+
+def _expect_str(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise PolmError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+
+
+def _validate_messages(messages: Any, name: str, where: str, base_dir: Path | None) -> list[Row]:
+    if not isinstance(messages, list) or not messages:
+        raise PolmError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} objects")
+    checked = []
+    for index, message in enumerate(messages):
+        field_name = f"{name}[{index}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise PolmError(f"{where}: field '{field_name}' must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise PolmError(
+                f"{where}: field '{field_name}.role' is {message['role']!r}; expected one of {', '.join(ROLES)}"
+            )
+        content = message["content"]
+        if isinstance(content, list):
+            content = [_validate_part(part, f"{field_name}.content[{i}]", where, base_dir) for i, part in enumerate(content)]
+        else:
+            _expect_str(content, f"{field_name}.content", where)
+        checked.append({**message, "content": content})
+    return checked
+
+
+def _validate_part(part: Any, name: str, where: str, base_dir: Path | None) -> Row:
+    if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+        raise PolmError(f"{where}: field '{name}' must be an object with 'type' in {', '.join(PART_TYPES)}")
+    key = PART_TYPES[part["type"]]
+    _expect_str(part.get(key), f"{name}.{key}", where)
+    if key == "path" and base_dir is not None and not Path(part["path"]).is_absolute():
+        part = {**part, "path": str(base_dir / part["path"])}
+    return part
+
+
+def read_jsonl(path: str | Path) -> list[Row]:
+    """Read and validate a JSONL file.
+
+    Raises:
+        PolmError: for a missing file, bad JSON or a malformed row, naming the
+            file, the line number and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PolmError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PolmError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            rows.append(validate_row(row, where, base_dir=path.parent))
+    if not rows:
+        raise PolmError(f"{path}: the file has no rows")
+    return rows
+
+
+def bundled_name(spec: str) -> str | None:
+    """``"arithmetic"`` for ``"polm:arithmetic"``; None for anything else."""
+    return spec[len(BUNDLED_PREFIX):] if spec.startswith(BUNDLED_PREFIX) else None
+
+
+def check_data_spec(spec: Any, option: str) -> None:
+    """Fail early (before any training) if a ``data`` option cannot be loaded."""
+    if isinstance(spec, list):
+        return
+    if not isinstance(spec, str):
+        raise PolmError(f"option '{option}' must be a JSONL path or 'polm:<name>', got {type(spec).__name__}")
+    name = bundled_name(spec)
+    if name is not None:
+        from polm.engine.plugins import registry
+
+        registry("datasets").get(name)
+    elif not Path(spec).is_file():
+        raise PolmError(f"option '{option}': data file not found: {spec}")
+
+
+def load_rows(spec: str | Path | Sequence[Row], split: str = "train") -> list[Row]:
+    """Rows from a bundled dataset (``polm:<name>``, the given split), a JSONL file or a list.
+
+    A JSONL file has a single split: it is returned whatever ``split`` says.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [validate_row(row, f"row {i}") for i, row in enumerate(spec)]
+    spec = str(spec)
+    name = bundled_name(spec)
+    if name is None:
+        return read_jsonl(spec)
+    from polm.engine.plugins import registry
+
+    dataset: BundledDataset = registry("datasets").get(name)
+    if split not in dataset.splits:
+        raise PolmError(f"dataset '{spec}' has no split '{split}'; it has: {', '.join(dataset.splits)}")
+    return [validate_row(row, f"{spec}[{split}] row {i}") for i, row in enumerate(dataset.build(split))]

@@ -1,0 +1,78 @@
+"""Resolving what a user names as a model: a registered name, a path, a hub id or an object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polm.engine.errors import PolmError, did_you_mean
+
+STAGE_FILE = "polm_stage.json"
+
+
+def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """Return ``(model, tokenizer)`` for ``spec``.
+
+    Args:
+        spec: a name registered through ``polm_register_models`` (``"polm-tiny"``),
+            a local folder or Hugging Face hub id (``from_pretrained``; peft
+            adapter folders load with their base), or a model object.
+        tokenizer: required with a model object, optional otherwise.
+
+    Raises:
+        PolmError: unknown name, unreadable folder, or a model object without tokenizer.
+    """
+    if isinstance(spec, torch.nn.Module):
+        if tokenizer is None:
+            raise PolmError("a model object needs its tokenizer: Pipeline(model, tokenizer=...)")
+        return spec, _ready(tokenizer)
+    if not isinstance(spec, (str, Path)):
+        raise PolmError(f"model must be a name, a path or a model object, got {type(spec).__name__}")
+    from polm.engine.plugins import registry
+
+    models = registry("models")
+    spec = str(spec)
+    if spec in models:
+        model, loaded_tokenizer = models.get(spec)()
+        return model, _ready(tokenizer or loaded_tokenizer)
+    path = Path(spec)
+    if path.is_dir() and (path / "final").is_dir():
+        path = path / "final"  # a stage folder of a run
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise PolmError(
+            f"model '{spec}' is neither a folder nor a registered model.{did_you_mean(spec, models)} "
+            f"Registered: {', '.join(models) or 'none'}"
+        )
+    try:
+        return _from_pretrained(str(path) if path.exists() else spec, tokenizer)
+    except OSError as error:
+        raise PolmError(
+            f"could not load model '{spec}': {str(error).splitlines()[0]}. Registered models: {', '.join(models)}"
+        ) from None
+
+
+def _from_pretrained(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (Path(source) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(source)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source)
+    return model, _ready(tokenizer or AutoTokenizer.from_pretrained(source))
+
+
+def _ready(tokenizer: Any) -> Any:
+    """Tokenizers without a pad token pad with end-of-sequence, as most causal LMs do."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

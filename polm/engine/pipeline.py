@@ -1,0 +1,194 @@
+"""Pipelines: a model and a list of stages, each starting from the previous stage's model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polm.engine.checkpoint import atomic_directory, save_model
+from polm.engine.errors import PolmError
+from polm.engine.models import STAGE_FILE, load_model
+from polm.engine.options import parse_options
+from polm.engine.stage import Stage, StageContext
+from polm.engine.tuning import load_weights
+
+RUN_FILE = "run.json"
+FINAL_DIR = "final"
+
+
+@dataclass
+class StageResult:
+    """One stage of a finished run.
+
+    Attributes:
+        name: the stage name.
+        metrics: the final training metrics and held-out ``eval/...`` metrics.
+        checkpoint: the folder with the stage's final model (loads with ``from_pretrained``).
+        before: held-out metrics of the starting model, when the run evaluated it.
+    """
+
+    name: str
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    before: dict[str, float] | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Pipeline.run` returns."""
+
+    output_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return any(stage.interrupted for stage in self.stages)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The last stage's final model."""
+        return self.stages[-1].checkpoint if self.stages else None
+
+
+def build_stage(name: str, options: dict[str, Any], position: int | None = None) -> Stage:
+    """Look up a stage by name and validate its options (including the tuning method's).
+
+    Raises:
+        PolmError: unknown stage, unknown option, wrong type or invalid value.
+    """
+    from polm.engine.plugins import registry
+
+    where = f"stage {position} '{name}'" if position is not None else f"stage '{name}'"
+    if not isinstance(name, str):
+        raise PolmError(f"stage {position}: 'name' must be a string, got {name!r}")
+    stage_class = registry("stages").get(name)
+    parsed = parse_options(where, stage_class.Options, options)
+    if hasattr(parsed, "tuning"):
+        method = registry("tuning_methods").get(parsed.tuning)
+        parsed.tuning_options = parse_options(f"{where} tuning '{parsed.tuning}'", method.Options,
+                                              parsed.tuning_options)
+        method.check(parsed.tuning_options)
+    stage = stage_class(name, parsed)
+    stage.check()
+    return stage
+
+
+class Pipeline:
+    """A post-training pipeline.
+
+    Example::
+
+        result = (
+            polm.Pipeline("polm-tiny", seed=0)
+            .add("sft", data="polm:arithmetic", max_steps=300, lr=1e-3)
+            .run("runs/demo")
+        )
+        print(result.stages[0].metrics["eval/exact_match"])
+
+    Args:
+        model: a registered model name (``"polm-tiny"``), a Hugging Face id or
+            local path, or a ``PreTrainedModel`` (then pass ``tokenizer``).
+        tokenizer: the tokenizer for a model object; loaded with the model otherwise.
+        seed: seeds data order, initialisation and sampling; stage ``i`` uses ``seed + i``.
+    """
+
+    def __init__(self, model: Any = "polm-tiny", tokenizer: Any = None, seed: int = 0) -> None:
+        self.model_spec = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.stages: list[Stage] = []
+        self._raw: list[dict[str, Any]] = []
+
+    def add(self, stage: str, **options: Any) -> Pipeline:
+        """Append a stage; its options are validated now. Returns the pipeline for chaining."""
+        self.stages.append(build_stage(stage, options, len(self.stages)))
+        self._raw.append({"name": stage, **options})
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        model = self.model_spec if isinstance(self.model_spec, (str, Path)) else type(self.model_spec).__name__
+        return {"model": str(model), "seed": self.seed, "stages": self._raw}
+
+    def run(
+        self,
+        output_dir: str | Path,
+        resume: bool = False,
+        evaluate_before: bool = False,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        """Run every stage, writing checkpoints and metrics under ``output_dir``.
+
+        Args:
+            resume: continue an interrupted run in ``output_dir``: finished
+                stages are reloaded, the current one continues from its newest
+                checkpoint at the same step, data order and RNG state.
+            evaluate_before: also evaluate each stage's starting model (the
+                "before" column of ``polm quickstart``).
+            on_log: receives every metrics record as it is written.
+            stop: set it (from another thread) to checkpoint and return early.
+
+        Raises:
+            PolmError: before anything is written, if the folder holds another
+                run and ``resume`` is false, or the folder's run differs from this one.
+        """
+        if not self.stages:
+            raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
+        output_dir = Path(output_dir)
+        self._claim(output_dir, resume)
+        stop = stop or threading.Event()
+        model, tokenizer = load_model(self.model_spec, self.tokenizer)
+        result = RunResult(output_dir)
+        for index, stage in enumerate(self.stages):
+            stage_dir = output_dir / f"{index:02d}-{stage.name}"
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            final_dir = stage_dir / FINAL_DIR
+            before = stage.evaluate(model, tokenizer) if evaluate_before else None
+            model = stage.prepare(model)
+            if resume and (final_dir / STAGE_FILE).is_file():
+                load_weights(model, final_dir)
+                metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
+                result.stages.append(StageResult(stage.name, metrics, final_dir, before))
+                continue
+            torch.manual_seed(self.seed + index)
+            context = StageContext(model, tokenizer, stage_dir, self.seed + index, resume, on_log, stop)
+            output = stage.run(context)
+            model = output.model
+            if output.interrupted:
+                result.stages.append(StageResult(stage.name, output.metrics, None, before, interrupted=True))
+                break
+            with atomic_directory(final_dir) as directory:
+                save_model(model, tokenizer, directory)
+                record = {"stage": stage.name, "options": _jsonable(asdict(stage.options)), "metrics": output.metrics}
+                (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
+            result.stages.append(StageResult(stage.name, output.metrics, final_dir, before))
+        return result
+
+    def _claim(self, output_dir: Path, resume: bool) -> None:
+        run_file = output_dir / RUN_FILE
+        description = self.describe()
+        if resume:
+            if not run_file.is_file():
+                raise PolmError(f"--resume: {output_dir} holds no polm run ({RUN_FILE} is missing)")
+            previous = json.loads(run_file.read_text())
+            if [s["name"] for s in previous["stages"]] != [s["name"] for s in description["stages"]]:
+                raise PolmError(f"--resume: {output_dir} holds a run with other stages; resume it with its own recipe")
+            return
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise PolmError(
+                f"output folder {output_dir} is not empty; pass --resume to continue the run in it "
+                "or choose another --output"
+            )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(_jsonable(description), indent=2))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

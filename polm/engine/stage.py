@@ -1,0 +1,99 @@
+"""The Stage interface: one step of a post-training pipeline."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from polm.engine.data import bundled_name, load_rows
+from polm.engine.evaluation import exact_match, reference
+from polm.engine.options import StageOptions
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands a stage.
+
+    Attributes:
+        model: the model the stage starts from (the previous stage's result).
+        tokenizer: its tokenizer.
+        stage_dir: the stage's own folder inside the run folder.
+        seed: the stage's seed (the pipeline seed plus the stage index).
+        resume: continue from the newest checkpoint in ``stage_dir`` if there is one.
+        on_log: called with each metrics record (for live plots).
+        stop: set to ask the stage to checkpoint and return early.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    stage_dir: Path
+    seed: int
+    resume: bool = False
+    on_log: Callable[[dict[str, Any]], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns: the trained model and its final metrics."""
+
+    model: torch.nn.Module
+    metrics: dict[str, float]
+    interrupted: bool = False
+
+
+class Stage:
+    """Base class of pipeline stages registered through ``polm_register_stages``.
+
+    A subclass sets ``Options`` (a dataclass, usually extending
+    :class:`StageOptions`) and implements :meth:`run`. The pipeline validates
+    options with :func:`polm.engine.options.parse_options` before any stage
+    runs, and calls :meth:`check` on every stage before the first one starts.
+    """
+
+    Options: ClassVar[type] = StageOptions
+    #: The metric the quickstart table and the app show for this stage.
+    headline_metric: ClassVar[str] = "exact_match"
+
+    def __init__(self, name: str, options: Any) -> None:
+        self.name = name
+        self.options = options
+
+    def check(self) -> None:
+        """Fail fast on problems visible before loading a model (data files, names)."""
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model this stage trains: its ``tuning`` method applied to the starting model."""
+        tuning = getattr(self.options, "tuning", None)
+        if tuning is None:
+            return model
+        from polm.engine.plugins import registry
+
+        return registry("tuning_methods").get(tuning).prepare(model, self.options.tuning_options)
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        """Held-out rows: ``eval_data``, else the ``test`` split of a bundled ``data``; at most ``eval_size``."""
+        size = getattr(self.options, "eval_size", 0)
+        spec = getattr(self.options, "eval_data", None)
+        data = getattr(self.options, "data", None)
+        if not size:
+            return []
+        if spec is None and isinstance(data, str) and bundled_name(data) is not None:
+            spec = data
+        return load_rows(spec, "test")[:size] if spec is not None else []
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
+        """Held-out metrics of ``model``; by default greedy ``exact_match`` on rows with references."""
+        rows = [row for row in self.eval_rows() if reference(row) is not None]
+        if not rows:
+            return {}
+        return exact_match(model, tokenizer, rows, getattr(self.options, "max_new_tokens", 32))
+
+    def run(self, context: StageContext) -> StageOutput:
+        """Train ``context.model`` (already prepared) and return it with final metrics."""
+        raise NotImplementedError

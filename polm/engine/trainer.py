@@ -1,0 +1,253 @@
+"""The Accelerate training loop every training stage shares.
+
+A stage supplies its rows, a ``collate`` that turns a list of rows into a
+batch, and a ``compute_loss(model, batch) -> (loss, metrics)``; the loop does
+the rest: data order, gradient accumulation, clipping, the LR schedule,
+mixed precision where the device supports it, periodic evaluation, progress,
+``metrics.jsonl``, trackers, checkpoints and exact resume.
+
+Exact resume: the order of rows is a pure function of the seed and the epoch,
+so a resumed run recomputes where it was instead of replaying the data; the
+optimizer, scheduler and RNG states are restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import is_tensorboard_available
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import get_scheduler
+
+from polm.engine.checkpoint import (
+    atomic_directory,
+    checkpoint_name,
+    latest_checkpoint,
+    load_training_state,
+    save_model,
+    save_training_state,
+)
+from polm.engine.errors import PolmError
+from polm.engine.options import StageOptions
+from polm.engine.stage import StageContext, StageOutput
+from polm.engine.tuning import load_weights
+
+Batch = dict[str, Any]
+LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainingTask:
+    """What a stage gives the loop.
+
+    Attributes:
+        rows: the training items (encoded examples, prompts, pairs, ...).
+        collate: ``list of items -> batch``.
+        compute_loss: ``(model, batch) -> (scalar loss, metrics)``.
+        evaluate: ``model -> held-out metrics``; called every ``eval_every`` steps and at the end.
+        count_tokens: tokens in a batch for tokens/s; defaults to the attention mask's sum.
+    """
+
+    rows: Sequence[Any]
+    collate: Callable[[list[Any]], Batch]
+    compute_loss: LossFn
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    count_tokens: Callable[[Batch], int] | None = None
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` means bf16 on a GPU that supports it and full fp32 elsewhere (the CPU)."""
+    if setting != "auto":
+        if setting in ("fp16", "bf16") and not torch.cuda.is_available():
+            raise PolmError(f"mixed_precision '{setting}' needs a CUDA GPU; use 'auto' or 'no' on this machine")
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(mixed_precision: str, project_dir: Path) -> Accelerator:
+    """An Accelerator for one stage; stages of one run may differ in precision."""
+    precision = resolve_mixed_precision(mixed_precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()  # the state is a process-wide singleton
+    log_with = ["tensorboard"] if is_tensorboard_available() else None
+    return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(project_dir))
+
+
+def total_steps(options: StageOptions, micro_batches_per_epoch: int) -> int:
+    if options.max_steps:
+        return options.max_steps
+    return max(1, math.ceil(options.epochs * micro_batches_per_epoch / options.grad_accum))
+
+
+class _RowOrder:
+    """Which rows make micro-batch ``m``: a fresh permutation each epoch, seeded."""
+
+    def __init__(self, n_rows: int, rows_per_micro_batch: int, seed: int) -> None:
+        if n_rows == 0:
+            raise PolmError("the training data is empty after encoding (every row longer than max_length?)")
+        self.n_rows = n_rows
+        self.size = min(rows_per_micro_batch, n_rows)
+        self.per_epoch = n_rows // self.size  # the remainder is dropped; the next epoch reshuffles
+        self.seed = seed
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n_rows, generator=generator)
+        return self._order[position * self.size : (position + 1) * self.size].tolist()
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """On resume, forget what the interrupted run logged after its checkpoint."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress(name: str, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(name: str, context: StageContext, options: StageOptions, task: TrainingTask) -> StageOutput:
+    """Train ``context.model`` on ``task`` following ``options``; see the module docstring."""
+    stage_dir = context.stage_dir
+    accelerator = make_accelerator(options.mixed_precision, stage_dir)
+    torch.manual_seed(context.seed)
+    model = context.model
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not trainable:
+        raise PolmError(f"stage '{name}': the tuning method left no trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    order = _RowOrder(len(task.rows), options.batch_size * accelerator.num_processes, context.seed)
+    steps = total_steps(options, order.per_epoch)
+    scheduler = get_scheduler(
+        options.lr_scheduler, optimizer, num_warmup_steps=int(options.warmup_ratio * steps), num_training_steps=steps
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics_path = stage_dir / METRICS_FILE
+    count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
+
+    start = 0
+    checkpoint = latest_checkpoint(stage_dir) if context.resume else None
+    if checkpoint is not None:
+        load_weights(accelerator.unwrap_model(model), checkpoint)
+        start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
+        if accelerator.is_main_process:
+            _drop_metrics_after(metrics_path, start)
+    if accelerator.log_with:
+        accelerator.init_trackers(name)
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_directory(stage_dir / checkpoint_name(step)) as directory:
+                save_model(accelerator.unwrap_model(model), context.tokenizer, directory)
+                save_training_state(directory, step, optimizer, scheduler, accelerator.process_index, {"stage": name})
+
+    def log(record: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            _append_metrics(metrics_path, record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            if context.on_log is not None:
+                context.on_log({"stage": name, **record})
+
+    def run_eval(step: int) -> dict[str, float]:
+        if task.evaluate is None:
+            return {}
+        accelerator.wait_for_everyone()
+        model.eval()
+        with torch.no_grad():
+            results = task.evaluate(accelerator.unwrap_model(model)) if accelerator.is_main_process else {}
+        model.train()
+        results = {f"eval/{key}": value for key, value in results.items()}
+        if results:
+            log({"step": step, **results})
+        return results
+
+    window: dict[str, list[float]] = defaultdict(list)
+    window_tokens, window_start = 0, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    interrupted = False
+    step = start
+    with _progress(name, accelerator.is_main_process) as progress:
+        bar = progress.add_task(name, total=steps, completed=start, loss="-", speed="-")
+        model.train()
+        try:
+            while step < steps:
+                for micro in range(options.grad_accum):
+                    indices = order.indices(step * options.grad_accum + micro)
+                    shard = indices[accelerator.process_index :: accelerator.num_processes] or indices
+                    batch = task.collate([task.rows[i] for i in shard])
+                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sync = nullcontext() if micro == options.grad_accum - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        loss, metrics = task.compute_loss(model, batch)
+                        accelerator.backward(loss / options.grad_accum)
+                    window["loss"].append(float(loss.detach()))
+                    for key, value in metrics.items():
+                        window[key].append(float(value))
+                    window_tokens += count_tokens(batch) * accelerator.num_processes
+                if options.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
+                    window["grad_norm"].append(float(grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                elapsed = time.perf_counter() - window_start
+                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                progress.update(bar, advance=1, loss=f"{sum(window['loss']) / len(window['loss']):.4f}",
+                                speed=f"{speed:,.0f}")
+                if step % options.log_every == 0 or step == steps:
+                    last_metrics = {key: sum(values) / len(values) for key, values in window.items()}
+                    log({"step": step, "epoch": step * options.grad_accum / order.per_epoch,
+                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": speed, **last_metrics})
+                    window.clear()
+                    window_tokens, window_start = 0, time.perf_counter()
+                if options.eval_every and step % options.eval_every == 0 and step < steps:
+                    run_eval(step)
+                if context.stop.is_set() and step < steps:
+                    save_checkpoint(step)
+                    interrupted = True
+                    break
+                if options.save_every and step % options.save_every == 0 and step < steps:
+                    save_checkpoint(step)
+        except KeyboardInterrupt:
+            if step > start:
+                save_checkpoint(step)  # Ctrl-C keeps the work done; --resume continues from here
+            raise
+    final = {} if interrupted else run_eval(step)
+    accelerator.end_training()
+    model = accelerator.unwrap_model(model)
+    return StageOutput(model=model, metrics={**last_metrics, **final}, interrupted=interrupted)

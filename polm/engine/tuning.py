@@ -1,0 +1,78 @@
+"""Tuning methods: how a stage turns its starting model into the model it trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from polm.engine.errors import PolmError
+
+
+@dataclass
+class NoOptions:
+    """A tuning method without options."""
+
+
+class TuningMethod:
+    """Base class of tuning methods registered through ``polm_register_tuning_methods``.
+
+    Subclasses set ``Options`` (a dataclass validated like stage options) and
+    implement :meth:`prepare`.
+    """
+
+    Options: type = NoOptions
+
+    def check(self, options: Any) -> None:
+        """Fail before training if this method cannot run here (e.g. needs a GPU)."""
+
+    def prepare(self, model: torch.nn.Module, options: Any) -> torch.nn.Module:
+        """Return the model to train, with ``requires_grad`` set on the trainable parameters."""
+        raise NotImplementedError
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model: peft adapters from an earlier stage are merged in."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    return model
+
+
+class FullTuning(TuningMethod):
+    """Train every parameter."""
+
+    def prepare(self, model: torch.nn.Module, options: Any) -> torch.nn.Module:
+        model = unwrap_peft(model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+
+
+def load_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load the weights saved by ``model.save_pretrained(directory)`` into ``model`` in place.
+
+    Handles plain transformers checkpoints (one or several safetensors files;
+    tied weights are saved once) and peft adapters.
+    """
+    adapter_file = directory / "adapter_model.safetensors"
+    if adapter_file.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter_file))
+        return
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise PolmError(f"no model weights (*.safetensors) in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [key for key in missing if key not in tied and not key.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise PolmError(
+            f"checkpoint {directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )

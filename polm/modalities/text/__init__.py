@@ -1,0 +1,1 @@
+"""Text: the embedded default model ``polm-tiny`` and the bundled text tasks."""

@@ -1,0 +1,1 @@
+"""The post-training paradigms, each a built-in plugin."""
