@@ -179,7 +179,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
             _append_metrics(metrics_path, record)
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
             if context.on_log is not None:
-                context.on_log({"stage": name, **record})
+                context.on_log({"stage": name, "stage_dir": stage_dir.name, **record})
 
     def run_eval(step: int) -> dict[str, float]:
         if task.evaluate is None:

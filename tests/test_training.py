@@ -1,0 +1,131 @@
+"""The training loop: the SFT loss, checkpoints that load with plain transformers, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import polm
+from polm.engine.encoding import IGNORE_INDEX
+from polm.plugins.finetuning.sft.loss import completion_loss
+
+
+def test_completion_loss_matches_hand_computation():
+    """Cross-entropy over labelled next tokens only.
+
+    Vocabulary 2, one sequence of 3 positions, labels [-100, 0, 1]:
+    position 0 predicts label[1]=0 with logits (0, 0): loss ln 2;
+    position 1 predicts label[2]=1 with logits (ln 3, 0): p(1) = 1/4, loss ln 4;
+    position 2 predicts nothing. Mean over the two labelled targets: (ln 2 + ln 4) / 2 = 1.5 ln 2.
+    Greedy hits: position 0 argmax is 0 (tie -> first) = target 0; position 1 argmax 0 != 1: accuracy 1/2.
+    """
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]], requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, 0, 1]])
+    loss, metrics = completion_loss(logits, labels)
+    torch.testing.assert_close(loss, torch.tensor(1.5 * math.log(2.0)))
+    assert metrics["token_accuracy"] == 0.5 and metrics["label_tokens"] == 2
+    loss.backward()
+    # d loss / d logits at position 1 = (softmax - onehot(1)) / 2 = ((3/4, 1/4) - (0, 1)) / 2
+    torch.testing.assert_close(logits.grad[0, 1], torch.tensor([0.375, -0.375]))
+    torch.testing.assert_close(logits.grad[0, 2], torch.zeros(2))
+
+
+def _two_stage_pipeline(model, tokenizer, rows, test_rows):
+    return (
+        polm.Pipeline(model, tokenizer=tokenizer, seed=3)
+        .add("sft", data=rows, eval_data=test_rows, max_steps=4, batch_size=4, lr=3e-3, eval_size=4,
+             max_new_tokens=2)
+        .add("sft", data=rows, eval_data=test_rows, max_steps=7, batch_size=4, grad_accum=2, lr=3e-3,
+             warmup_ratio=0.2, log_every=1, eval_size=4, max_new_tokens=2)
+    )
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(random_model, tokenizer, arithmetic, tmp_path):
+    """Stop the second stage after step 3, resume: every weight equals the uninterrupted run's, bit for bit."""
+    rows, test_rows = arithmetic
+    straight = _two_stage_pipeline(copy.deepcopy(random_model), tokenizer, rows, test_rows).run(tmp_path / "straight")
+
+    stop = threading.Event()
+
+    def stop_at_step_3(record):
+        if record["stage_dir"] == "01-sft" and record["step"] == 3:
+            stop.set()
+
+    first = _two_stage_pipeline(copy.deepcopy(random_model), tokenizer, rows, test_rows).run(
+        tmp_path / "resumed", on_log=stop_at_step_3, stop=stop)
+    assert first.interrupted and first.stages[1].interrupted
+    assert (tmp_path / "resumed" / "01-sft" / "checkpoint-000003").is_dir()
+    assert not (tmp_path / "resumed" / "01-sft" / "final").exists()
+
+    resumed = _two_stage_pipeline(copy.deepcopy(random_model), tokenizer, rows, test_rows).run(
+        tmp_path / "resumed", resume=True)
+    assert not resumed.interrupted
+
+    expected = AutoModelForCausalLM.from_pretrained(straight.checkpoint).state_dict()
+    actual = AutoModelForCausalLM.from_pretrained(resumed.checkpoint).state_dict()
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"tensors differ after resume: {different}"
+    # The resumed metrics log has each step once, as the uninterrupted one does.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/01-sft/metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 8))
+
+
+def test_resumed_run_differs_when_not_resumed_from_checkpoint(random_model, tokenizer, arithmetic, tmp_path):
+    """The equality above is not vacuous: another seed gives other weights."""
+    rows, test_rows = arithmetic
+    one = _two_stage_pipeline(copy.deepcopy(random_model), tokenizer, rows, test_rows).run(tmp_path / "a")
+    other = _two_stage_pipeline(copy.deepcopy(random_model), tokenizer, rows, test_rows)
+    other.seed = 4
+    two = other.run(tmp_path / "b")
+    first = AutoModelForCausalLM.from_pretrained(one.checkpoint).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(two.checkpoint).state_dict()
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_sft_checkpoint_loads_with_plain_transformers_and_generates(random_model, tokenizer, arithmetic, tmp_path):
+    """The final folder is a Hugging Face checkpoint: same logits, and it generates."""
+    rows, test_rows = arithmetic
+    result = polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "sft", data=rows, eval_data=test_rows, max_steps=3, batch_size=4, eval_size=2, max_new_tokens=2
+    ).run(tmp_path / "run")
+    trained = result.stages[0]
+    loaded = AutoModelForCausalLM.from_pretrained(trained.checkpoint)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(trained.checkpoint)
+    assert (trained.checkpoint / "model.safetensors").is_file()
+    ids = loaded_tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    random_model.eval()
+    torch.testing.assert_close(loaded(**ids).logits, random_model(**ids).logits)
+    output = loaded.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_training_lowers_the_loss_and_logs_metrics(random_model, tokenizer, arithmetic, tmp_path):
+    """Fifty steps on a fixed batch lower the SFT loss; metrics.jsonl holds loss, lr and tokens/s."""
+    rows, _ = arithmetic
+    polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "sft", data=rows[:8], max_steps=50, batch_size=8, lr=3e-3, log_every=10, eval_size=0
+    ).run(tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/00-sft/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50]
+    assert {"loss", "lr", "tokens_per_s", "grad_norm", "token_accuracy"} <= records[0].keys()
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"], (records[0]["loss"], records[-1]["loss"])
+
+
+def test_output_folder_of_another_run_is_not_overwritten(random_model, tokenizer, arithmetic, tmp_path):
+    """Running into a non-empty folder without resume fails before writing anything."""
+    rows, _ = arithmetic
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    pipeline = polm.Pipeline(random_model, tokenizer=tokenizer).add("sft", data=rows, max_steps=1, eval_size=0)
+    with pytest.raises(polm.PolmError, match="not empty"):
+        pipeline.run(tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
