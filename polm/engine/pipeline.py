@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from polm.engine.checkpoint import atomic_directory, save_model
 from polm.engine.errors import PolmError
@@ -76,7 +77,10 @@ def build_stage(name: str, options: dict[str, Any], position: int | None = None)
                                               parsed.tuning_options)
         method.check(parsed.tuning_options)
     stage = stage_class(name, parsed)
-    stage.check()
+    try:
+        stage.check()
+    except PolmError as error:
+        raise PolmError(f"{where}: {error}") from None
     return stage
 
 
@@ -142,7 +146,10 @@ class Pipeline:
         if not self.stages:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
-        self._claim(output_dir, resume)
+        processes = PartialState()  # one per device under `accelerate launch`; only the main one writes
+        if processes.is_main_process:
+            self._claim(output_dir, resume)
+        processes.wait_for_everyone()
         stop = stop or threading.Event()
         model, tokenizer = load_model(self.model_spec, self.tokenizer)
         result = RunResult(output_dir)
@@ -164,10 +171,13 @@ class Pipeline:
             if output.interrupted:
                 result.stages.append(StageResult(stage.name, output.metrics, None, before, interrupted=True))
                 break
-            with atomic_directory(final_dir) as directory:
-                save_model(model, tokenizer, directory)
-                record = {"stage": stage.name, "options": _jsonable(asdict(stage.options)), "metrics": output.metrics}
-                (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
+            if processes.is_main_process:
+                with atomic_directory(final_dir) as directory:
+                    save_model(model, tokenizer, directory)
+                    record = {"stage": stage.name, "options": _jsonable(asdict(stage.options)),
+                              "metrics": output.metrics}
+                    (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
+            processes.wait_for_everyone()
             result.stages.append(StageResult(stage.name, output.metrics, final_dir, before))
         return result
 

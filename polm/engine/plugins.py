@@ -57,7 +57,7 @@ class PluginState:
     import_problems: list[str]
     registries: dict[str, Registry[Any]] = field(default_factory=dict)
     hook_problems: list[str] = field(default_factory=list)
-    collected_for: tuple[int, ...] = ()
+    collected_for: list[object] = field(default_factory=list)
 
     def describe(self) -> list[PluginInfo]:
         """Every plugin with its source and the components it registered."""
@@ -116,8 +116,8 @@ def _collect(manager: pluggy.PluginManager) -> tuple[dict[str, Registry[Any]], l
     problems: list[str] = []
     for kind in COMPONENT_KINDS:
         hook_name = f"polm_register_{kind}"
-        # pluggy lists implementations last-registered first; built-ins should register first.
-        for impl in reversed(getattr(manager.hook, hook_name).get_hookimpls()):
+        # get_hookimpls() is in registration order: built-ins register first and keep their names.
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
 
             def register(name: str, obj: Any, _plugin: str = impl.plugin_name, _kind: str = kind, **meta: Any):
                 registries[_kind].add(name, obj, _plugin, **meta)
@@ -139,10 +139,13 @@ def state() -> PluginState:
     with _lock:
         if _state is None:
             _state = _new_state()
-        plugin_ids = tuple(id(plugin) for plugin in _state.manager.get_plugins())
-        if plugin_ids != _state.collected_for:
+        # Compare the plugin objects themselves: holding them keeps a new plugin from reusing an old id().
+        plugins = list(_state.manager.get_plugins())
+        if len(plugins) != len(_state.collected_for) or any(
+            not any(plugin is seen for seen in _state.collected_for) for plugin in plugins
+        ):
             _state.registries, _state.hook_problems = _collect(_state.manager)
-            _state.collected_for = plugin_ids
+            _state.collected_for = plugins
         return _state
 
 

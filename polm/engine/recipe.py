@@ -24,6 +24,7 @@ from polm.engine.errors import PolmError, did_you_mean
 from polm.engine.pipeline import Pipeline
 
 RECIPE_KEYS = ("model", "seed", "output_dir", "stages")
+PATH_OPTIONS = ("data", "eval_data")
 
 
 @dataclass
@@ -41,12 +42,20 @@ class Recipe:
         """Build the pipeline, validating every stage; errors name the recipe file and line."""
         pipeline = Pipeline(self.model, seed=self.seed)
         for index, stage in enumerate(self.stages):
-            options = {key: value for key, value in stage.items() if key != "name"}
+            options = {key: self._resolve(value) if key in PATH_OPTIONS else value
+                       for key, value in stage.items() if key != "name"}
             try:
                 pipeline.add(stage["name"], **options)
             except PolmError as error:
                 raise PolmError(f"{self._where(index)}: {error}") from None
         return pipeline
+
+    def _resolve(self, value: Any) -> Any:
+        """A relative data path is looked up beside the recipe first, then in the working folder."""
+        if self.path is None or not isinstance(value, str) or value.startswith("polm:") or Path(value).is_absolute():
+            return value
+        beside = self.path.parent / value
+        return str(beside) if beside.exists() else value
 
     def _where(self, index: int) -> str:
         line = self.stage_lines[index] if index < len(self.stage_lines) else None

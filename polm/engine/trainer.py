@@ -112,6 +112,16 @@ class _RowOrder:
         return self._order[position * self.size : (position + 1) * self.size].tolist()
 
 
+def _tuning_method(options: StageOptions) -> Any:
+    """The stage's tuning method, which may act after each optimizer step (AdaLoRA); None without one."""
+    name = getattr(options, "tuning", None)
+    if name is None:
+        return None
+    from polm.engine.plugins import registry
+
+    return registry("tuning_methods").get(name)
+
+
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -154,6 +164,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         options.lr_scheduler, optimizer, num_warmup_steps=int(options.warmup_ratio * steps), num_training_steps=steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    tuning = _tuning_method(options)
     metrics_path = stage_dir / METRICS_FILE
     count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
 
@@ -221,6 +232,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
                     window["grad_norm"].append(float(grad_norm))
                 optimizer.step()
+                if tuning is not None:
+                    tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

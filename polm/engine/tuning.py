@@ -33,9 +33,31 @@ class TuningMethod:
         """Return the model to train, with ``requires_grad`` set on the trainable parameters."""
         raise NotImplementedError
 
+    def after_step(self, model: torch.nn.Module, step: int, total_steps: int) -> None:
+        """Called by the training loop after each optimizer step, before gradients are cleared.
+
+        Args:
+            model: the prepared model (unwrapped from Accelerate).
+            step: optimizer steps done so far (1 after the first), as in ``metrics.jsonl``.
+            total_steps: the steps the stage will take.
+
+        Most methods do nothing here; AdaLoRA reallocates its ranks from the gradients.
+        """
+
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain model: peft adapters from an earlier stage are merged in."""
+    """A plain model: peft adapters from an earlier stage are merged in.
+
+    Raises:
+        PolmError: the adapter adds virtual tokens (prefix or prompt tuning), which no weight can absorb.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        kind = config.peft_type.value.lower().replace("_", " ")
+        raise PolmError(
+            f"the previous stage trained {kind}, whose virtual tokens cannot be merged into the weights, so a "
+            "later stage cannot tune on top of it; make it the last stage, or train that stage with lora"
+        )
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         return model.merge_and_unload()
     return model
