@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from transformers.integrations.neftune import neftune_post_forward_hook
 
 from polm.engine.data import check_data_spec, load_rows
 from polm.engine.encoding import Encoded, encode_row, pad_batch, truncate
@@ -15,6 +16,9 @@ from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.plugins.finetuning.sft.loss import completion_loss
+from polm.plugins.finetuning.sft.packing import collate_packed, concatenate, pack
+
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 
 
 @dataclass
@@ -22,11 +26,24 @@ class SFTOptions(StageOptions):
     """Options of ``sft``; rows may be ``{text}``, ``{prompt, completion}``, ``{messages}`` or ``{prompt, answer}``."""
 
     data: Any = field(default=None, metadata={"help": "training rows: 'polm:<name>', a JSONL path, or a list"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack several examples into rows of max_length tokens; samples do not attend to each other"})
+    padding_free: bool = field(default=False, metadata={
+        "help": "put each micro-batch in one unpadded row (batch_size examples), samples kept apart"})
+    neftune_alpha: float = field(default=0.0, metadata={
+        "help": "NEFTune: uniform noise of scale alpha/sqrt(T*d) on input embeddings in training (0: off)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.data is None:
             raise ValueError("option 'data' is required (a JSONL path or 'polm:<name>')")
+        if self.packing and self.padding_free:
+            raise ValueError("choose one of 'packing' and 'padding_free'")
+        if (self.packing or self.padding_free) and self.tuning in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(f"'packing'/'padding_free' cannot be combined with tuning '{self.tuning}', whose "
+                             "virtual tokens would be shared across packed samples; turn packing off")
+        if self.neftune_alpha < 0:
+            raise ValueError(f"'neftune_alpha' must not be negative, got {self.neftune_alpha}")
 
 
 class SFTStage(Stage):
@@ -56,18 +73,45 @@ class SFTStage(Stage):
             raise PolmError(f"sft: no row of {self.options.data} fits max_length={self.options.max_length}")
         return examples
 
-    def run(self, context: StageContext) -> StageOutput:
-        tokenizer = context.tokenizer
+    def training_task(self, tokenizer: Any) -> TrainingTask:
+        """Rows, collation and loss for the chosen layout (padded, packed or padding-free)."""
         examples = self.encode(tokenizer)
+        pad_id = tokenizer.pad_token_id
+        if self.options.packing:
+            rows: list[Any] = pack(examples, self.options.max_length)
+            collate = lambda items: collate_packed(items, pad_id)  # noqa: E731
+        elif self.options.padding_free:
+            rows = examples
+            collate = lambda items: collate_packed([concatenate(items)], pad_id)  # noqa: E731
+        else:
+            rows = examples
+            collate = lambda items: pad_batch(items, pad_id)  # noqa: E731
 
-        def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        def compute_loss(model: torch.nn.Module, batch: dict[str, Any]):
+            if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return completion_loss(logits, batch["labels"])
 
-        task = TrainingTask(
-            rows=examples,
-            collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
+        return TrainingTask(
+            rows=rows,
+            collate=collate,
             compute_loss=compute_loss,
             evaluate=lambda model: self.evaluate(model, tokenizer),
+            count_tokens=lambda batch: int(batch["num_tokens"]) if "num_tokens" in batch
+            else int(batch["attention_mask"].sum()),
         )
-        return train(self.name, context, self.options, task)
+
+    def run(self, context: StageContext) -> StageOutput:
+        task = self.training_task(context.tokenizer)
+        hook = None
+        if self.options.neftune_alpha > 0:
+            embeddings = context.model.get_input_embeddings()
+            embeddings.neftune_noise_alpha = self.options.neftune_alpha
+            hook = embeddings.register_forward_hook(neftune_post_forward_hook)
+        try:
+            return train(self.name, context, self.options, task)
+        finally:
+            if hook is not None:
+                hook.remove()
