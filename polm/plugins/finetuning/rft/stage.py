@@ -1,0 +1,124 @@
+"""The ``rft`` stage: rejection-sampling fine-tuning (RFT / STaR).
+
+Each round samples ``samples`` completions per prompt from the current model,
+keeps those a named reward accepts (score at least ``threshold``), and
+fine-tunes on them with the SFT loss. References: Zelikman et al. 2022,
+"STaR: Bootstrapping Reasoning With Reasoning"; Yuan et al. 2023, "Scaling
+Relationship on Learning Mathematical Reasoning with Large Language Models" (RFT).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from polm.engine.checkpoint import atomic_directory, save_model
+from polm.engine.data import check_data_spec, load_rows
+from polm.engine.encoding import encode_completion, pad_batch, truncate
+from polm.engine.evaluation import generate
+from polm.engine.options import StageOptions
+from polm.engine.rewards import score
+from polm.engine.stage import Stage, StageContext, StageOutput
+from polm.engine.trainer import TrainingTask, train
+from polm.engine.tuning import load_weights
+from polm.plugins.finetuning.sft.loss import completion_loss
+
+ROUND_FILE = "round.json"
+
+
+@dataclass
+class RFTOptions(StageOptions):
+    """Options of ``rft``: ``max_steps`` / ``epochs`` apply to each round's fine-tuning."""
+
+    data: Any = field(default=None, metadata={"help": "prompts with the fields the reward needs, e.g. {prompt, answer}"})
+    reward: str = field(default="accuracy", metadata={"help": "a registered reward that accepts or rejects samples"})
+    threshold: float = field(default=1.0, metadata={"help": "keep samples whose reward is at least this"})
+    rounds: int = field(default=2, metadata={"help": "sample-filter-train rounds"})
+    samples: int = field(default=4, metadata={"help": "completions sampled per prompt each round"})
+    prompts_per_round: int = field(default=256, metadata={"help": "prompts drawn (seeded) from data each round"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data is None:
+            raise ValueError("option 'data' is required (prompts with answers, e.g. 'polm:arithmetic')")
+        for name in ("rounds", "samples", "prompts_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError("'temperature' must be positive: rejection sampling needs diverse samples")
+
+
+class RFTStage(Stage):
+    """Sample, keep what the reward accepts, fine-tune; repeat."""
+
+    Options = RFTOptions
+
+    def check(self) -> None:
+        from polm.engine.plugins import registry
+
+        check_data_spec(self.options.data, "data")
+        registry("rewards").get(self.options.reward)
+
+    def sample_round(self, model: torch.nn.Module, tokenizer: Any, rows: list[dict], seed: int) -> tuple[list, dict]:
+        """Sampled completions the reward accepts, as SFT examples, and the round's statistics."""
+        from polm.engine.plugins import registry
+
+        options = self.options
+        prompts = random.Random(seed).sample(rows, min(options.prompts_per_round, len(rows)))
+        repeated = [row for row in prompts for _ in range(options.samples)]
+        torch.manual_seed(seed)
+        completions = generate(model, tokenizer, [row["prompt"] for row in repeated], options.max_new_tokens,
+                               temperature=options.temperature, top_p=options.top_p)
+        rewards = score(options.reward, registry("rewards").get(options.reward), repeated, completions)
+        kept, seen = [], set()
+        for row, completion, value in zip(repeated, completions, rewards):
+            key = (str(row["prompt"]), completion.strip())
+            if value >= options.threshold and key not in seen:
+                seen.add(key)
+                example = truncate(encode_completion(tokenizer, row["prompt"], completion.strip()), options.max_length)
+                if example is not None:
+                    kept.append(example)
+        solved = len({key[0] for key in seen})
+        stats = {"accepted_fraction": sum(v >= options.threshold for v in rewards) / len(rewards),
+                 "mean_reward": sum(rewards) / len(rewards), "prompts_solved": solved / len(prompts),
+                 "examples": len(kept)}
+        return kept, stats
+
+    def run(self, context: StageContext) -> StageOutput:
+        rows = load_rows(self.options.data, "train")
+        model, tokenizer = context.model, context.tokenizer
+        metrics: dict[str, float] = {}
+        for index in range(self.options.rounds):
+            round_dir = context.stage_dir / f"round-{index}"
+            done = round_dir / "final"
+            if context.resume and (done / ROUND_FILE).is_file():
+                load_weights(model, done)
+                metrics = json.loads((done / ROUND_FILE).read_text())
+                continue
+            round_dir.mkdir(parents=True, exist_ok=True)
+            examples, stats = self.sample_round(model, tokenizer, rows, context.seed * 1000 + index)
+            if not examples:
+                metrics = {f"round_{index}/{k}": v for k, v in stats.items()}
+                continue  # nothing accepted: the next round samples again
+            task = TrainingTask(
+                rows=examples,
+                collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
+                compute_loss=lambda m, batch: completion_loss(
+                    m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]),
+                evaluate=lambda m: self.evaluate(m, tokenizer),
+            )
+            output = train(self.name, replace(context, model=model, stage_dir=round_dir), self.options, task)
+            model = output.model
+            if output.interrupted:
+                return StageOutput(model, output.metrics, interrupted=True)
+            metrics = {**output.metrics, **{f"round_{index}/{k}": v for k, v in stats.items()}}
+            with atomic_directory(done) as directory:
+                save_model(model, tokenizer, directory)
+                (directory / ROUND_FILE).write_text(json.dumps(metrics))
+        return StageOutput(model, metrics)
