@@ -60,6 +60,11 @@ def _from_pretrained(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(source)
+        if model.active_peft_config.is_prompt_learning:
+            # peft's virtual-token generation needs polm's fix with transformers 5 (see that module).
+            from polm.plugins.finetuning.tuning.virtual_tokens import fix_generation
+
+            fix_generation(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(source)
     return model, _ready(tokenizer or AutoTokenizer.from_pretrained(source))

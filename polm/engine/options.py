@@ -39,6 +39,8 @@ class StageOptions:
     max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut"})
     tuning: str = field(default="full", metadata={"help": "a registered tuning method (full, lora, ...)"})
     tuning_options: dict = field(default_factory=dict, metadata={"help": "options of the tuning method"})
+    merge_adapters: bool = field(default=False, metadata={
+        "help": "also save final/merged: the adapters merged into the base, a plain transformers model"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     log_every: int = field(default=10, metadata={"help": "append metrics to metrics.jsonl every N steps"})
@@ -124,16 +126,19 @@ def parse_options(owner: str, options_class: type, raw: dict[str, Any]) -> Any:
         owner: what the options belong to, for messages (``"stage 'sft'"``).
 
     Raises:
-        PolmError: unknown option (with the closest valid name), wrong type, or
-            a value the options' ``__post_init__`` rejects.
+        PolmError: unknown option (with the closest valid name, or the field that
+            lists it in ``metadata["aliases"]``), wrong type, or a value the
+            options' ``__post_init__`` rejects.
     """
     fields = {f.name: f for f in dataclasses.fields(options_class)}
+    aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
     hints = typing.get_type_hints(options_class)
     values = {}
     for name, value in raw.items():
         if name not in fields:
             raise PolmError(
-                f"{owner}: unknown option '{name}'.{did_you_mean(name, fields)} "
+                f"{owner}: unknown option '{name}'."
+                f"{f' Did you mean {aliases[name]!r}?' if name in aliases else did_you_mean(name, fields)} "
                 f"Valid options: {', '.join(sorted(fields))}"
             )
         try:

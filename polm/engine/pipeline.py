@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
 from polm.engine.options import parse_options
 from polm.engine.stage import Stage, StageContext
-from polm.engine.tuning import load_weights
+from polm.engine.tuning import is_peft, load_weights
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
+MERGED_DIR = "merged"
 
 
 @dataclass
@@ -112,6 +114,17 @@ class Pipeline:
 
     def add(self, stage: str, **options: Any) -> Pipeline:
         """Append a stage; its options are validated now. Returns the pipeline for chaining."""
+        if self.stages:
+            from polm.engine.plugins import registry
+
+            previous = self.stages[-1]
+            tuning = getattr(previous.options, "tuning", None)
+            if tuning is not None and not registry("tuning_methods").get(tuning).mergeable:
+                raise PolmError(
+                    f"stage {len(self.stages)} '{stage}' cannot follow stage {len(self.stages) - 1} "
+                    f"'{previous.name}' tuned with '{tuning}', whose virtual tokens cannot be merged into the "
+                    "weights; make that stage the last one or tune it with lora"
+                )
         self.stages.append(build_stage(stage, options, len(self.stages)))
         self._raw.append({"name": stage, **options})
         return self
@@ -174,6 +187,9 @@ class Pipeline:
             if processes.is_main_process:
                 with atomic_directory(final_dir) as directory:
                     save_model(model, tokenizer, directory)
+                    if getattr(stage.options, "merge_adapters", False) and is_peft(model):
+                        # A copy, so that the next stage still gets the adapter model it expects.
+                        save_model(copy.deepcopy(model).merge_and_unload(), tokenizer, directory / MERGED_DIR)
                     record = {"stage": stage.name, "options": _jsonable(asdict(stage.options)),
                               "metrics": output.metrics}
                     (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ class TuningMethod:
     """
 
     Options: type = NoOptions
+    #: False for methods whose result no later stage can build on (virtual tokens cannot be merged).
+    mergeable: bool = True
 
     def check(self, options: Any) -> None:
         """Fail before training if this method cannot run here (e.g. needs a GPU)."""
@@ -45,6 +48,11 @@ class TuningMethod:
         """
 
 
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` carries peft adapters."""
+    return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
+
+
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """A plain model: peft adapters from an earlier stage are merged in.
 
@@ -58,9 +66,7 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
             f"the previous stage trained {kind}, whose virtual tokens cannot be merged into the weights, so a "
             "later stage cannot tune on top of it; make it the last stage, or train that stage with lora"
         )
-    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
-        return model.merge_and_unload()
-    return model
+    return model.merge_and_unload() if is_peft(model) else model
 
 
 class FullTuning(TuningMethod):
@@ -83,7 +89,14 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     if adapter_file.is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(adapter_file))
+        state = load_file(adapter_file)
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        rank_pattern = saved.get("rank_pattern") if saved.get("peft_type") == "ADALORA" else None
+        if rank_pattern:
+            state = _adalora_at_full_rank(state, rank_pattern)
+        set_peft_model_state_dict(model, state)
+        if rank_pattern:
+            model.active_peft_config.rank_pattern = rank_pattern  # AdaLoRA's last phase masks with it
         return
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -98,3 +111,22 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         raise PolmError(
             f"checkpoint {directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+def _adalora_at_full_rank(
+    state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]]
+) -> dict[str, torch.Tensor]:
+    """AdaLoRA saves only the ranks it kept; put them back in place at the initial rank, zeros elsewhere.
+
+    The model being loaded keeps its parameters (an optimizer may hold them) and computes the same
+    function: a dropped rank has a zero singular value ``lora_E``.
+    """
+    for name, kept in rank_pattern.items():
+        prefix = "base_model.model." + name[: name.index(".lora_E")]
+        positions = torch.tensor(kept).nonzero().flatten()
+        for part, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
+            saved = state[f"{prefix}.{part}"]
+            shape = list(saved.shape)
+            shape[dim] = len(kept)
+            state[f"{prefix}.{part}"] = saved.new_zeros(shape).index_copy_(dim, positions, saved)
+    return state
