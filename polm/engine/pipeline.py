@@ -171,13 +171,13 @@ class Pipeline:
             stage_dir.mkdir(parents=True, exist_ok=True)
             final_dir = stage_dir / FINAL_DIR
             before = stage.evaluate(model, tokenizer) if evaluate_before else None
+            torch.manual_seed(self.seed + index)  # adapters initialise from the pipeline seed
             model = stage.prepare(model)
             if resume and (final_dir / STAGE_FILE).is_file():
                 load_weights(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue
-            torch.manual_seed(self.seed + index)
             context = StageContext(model, tokenizer, stage_dir, self.seed + index, resume, on_log, stop)
             output = stage.run(context)
             model = output.model

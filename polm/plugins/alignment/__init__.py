@@ -1,1 +1,37 @@
-"""The alignment paradigm."""
+"""The alignment paradigm: preference objectives and the stages that train with them."""
+
+from __future__ import annotations
+
+from polm.engine.hookspecs import Register, hookimpl
+from polm.plugins.alignment.dpo import ORPOStage, PreferenceStage, SimPOStage
+from polm.plugins.alignment.objectives import (
+    PAIRWISE,
+    UNPAIRED,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    orpo_loss,
+    robust_dpo_loss,
+    simpo_loss,
+)
+
+
+@hookimpl
+def polm_register_objectives(register: Register) -> None:
+    register("dpo", dpo_loss, family=PAIRWISE, description="DPO sigmoid loss; label_smoothing gives cDPO")
+    register("ipo", ipo_loss, family=PAIRWISE, description="IPO: squared distance of the margin to 1/(2 beta)")
+    register("hinge", hinge_loss, family=PAIRWISE, description="SLiC hinge on the reference-normalised margin")
+    register("robust", robust_dpo_loss, family=PAIRWISE, description="rDPO: unbiased under flipped labels")
+    register("simpo", simpo_loss, family=PAIRWISE, reference_free=True, average_logps=True,
+             description="SimPO: reference-free, length-normalised, with a target margin")
+    register("orpo", orpo_loss, family=PAIRWISE, reference_free=True, average_logps=True,
+             description="ORPO: SFT on chosen plus an odds-ratio term, reference-free")
+    register("kto", kto_loss, family=UNPAIRED, description="KTO on unpaired desirable / undesirable completions")
+
+
+@hookimpl
+def polm_register_stages(register: Register) -> None:
+    register("dpo", PreferenceStage, description="preference optimisation with any pairwise objective (default dpo)")
+    register("simpo", SimPOStage, description="the dpo stage with the reference-free SimPO objective")
+    register("orpo", ORPOStage, description="the dpo stage with the reference-free ORPO objective")
