@@ -1,0 +1,148 @@
+"""Deterministic synthetic arithmetic questions, graded by difficulty.
+
+Every question is ``What is <expression>?`` with a non-negative integer answer:
+
+=====  ====================================  =====
+level  what                                  share
+=====  ====================================  =====
+1      one-digit ``a + b`` and ``a - b``     25 %
+2      two-digit and one-digit, ``a ± b``    35 %
+3      two-digit and two-digit, ``a ± b``    25 %
+4      two-digit times one-digit, ``a * b``  15 %
+=====  ====================================  =====
+
+Subtractions never go below zero. A small model that knows the notation does
+levels 1-2 well after brief fine-tuning (polm-tiny does); levels 3-4 need the
+carry of one column to decide the digit before it, which small models learn
+slowly, and leave headroom for reinforcement learning.
+
+The test split is a fixed pool of ``TEST_POOL_SIZE`` distinct questions drawn
+from its own random stream; ``size`` takes a prefix of it. The train split
+comes from another stream and skips every question of the pool, so the splits
+never share a prompt (train may repeat its own prompts: level 1 has only 155).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SPLITS = ("train", "test")
+DEFAULT_SIZES = {"train": 20_000, "test": 300}
+TEST_POOL_SIZE = 300
+LEVEL_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
+_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+@dataclass(frozen=True)
+class _Question:
+    a: int
+    op: str
+    b: int
+    level: int
+
+    @property
+    def expression(self) -> str:
+        return f"{self.a} {self.op} {self.b}"
+
+    @property
+    def answer(self) -> int:
+        return _OPERATIONS[self.op](self.a, self.b)
+
+    def row(self) -> dict:
+        return {"prompt": f"What is {self.expression}?", "answer": str(self.answer), "level": self.level}
+
+
+def _draw(rng: random.Random) -> _Question:
+    level = rng.choices((1, 2, 3, 4), weights=LEVEL_WEIGHTS)[0]
+    if level == 4:
+        return _Question(rng.randint(10, 99), "*", rng.randint(2, 9), level)
+    # The first operand has the most digits, and b <= a keeps differences non-negative.
+    low_a, high_a, low_b, high_b = {1: (0, 9, 0, 9), 2: (10, 99, 0, 9), 3: (10, 99, 10, 99)}[level]
+    a, b = rng.randint(low_a, high_a), rng.randint(low_b, high_b)
+    if rng.random() < 0.5:
+        return _Question(a, "+", b, level)
+    return _Question(max(a, b), "-", min(a, b), level)
+
+
+def _test_pool(seed: int) -> list[_Question]:
+    rng = random.Random(f"polm-arithmetic:{seed}:test")
+    pool: dict[str, _Question] = {}
+    while len(pool) < TEST_POOL_SIZE:
+        question = _draw(rng)
+        pool.setdefault(question.expression, question)
+    return list(pool.values())
+
+
+def _questions(split: str, size: int | None, seed: int) -> list[_Question]:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; valid splits = {list(SPLITS)}")
+    size = DEFAULT_SIZES[split] if size is None else size
+    if size < 0:
+        raise ValueError(f"size must be non-negative, got {size}")
+    pool = _test_pool(seed)
+    if split == "test":
+        if size > TEST_POOL_SIZE:
+            raise ValueError(f"The test split holds {TEST_POOL_SIZE} questions, asked for {size}")
+        return pool[:size]
+    held_out = {question.expression for question in pool}
+    rng = random.Random(f"polm-arithmetic:{seed}:train")
+    questions: list[_Question] = []
+    while len(questions) < size:
+        question = _draw(rng)
+        if question.expression not in held_out:
+            questions.append(question)
+    return questions
+
+
+def arithmetic_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
+    """Arithmetic questions with their answers.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        size: number of rows; defaults to 20 000 for train and 300 for test
+            (the whole test pool, which is also the most it can give).
+        seed: chooses the questions; the same arguments always give the same rows.
+
+    Returns:
+        Rows ``{"prompt": "What is 37 + 48?", "answer": "85", "level": 3}``.
+
+    Raises:
+        ValueError: for an unknown split, a negative size or a test size above the pool.
+    """
+    return [question.row() for question in _questions(split, size, seed)]
+
+
+def _wrong_answer(question: _Question, rng: random.Random) -> int:
+    """A plausible mistake: off by a little, the last two digits swapped, or the wrong operation."""
+    right = question.answer
+    candidates = [right + delta for delta in (-10, -2, -1, 1, 2, 10)]
+    digits = str(right)
+    if len(digits) >= 2 and digits[-1] != digits[-2]:
+        candidates.append(int(digits[:-2] + digits[-1] + digits[-2]))
+    candidates += [operation(question.a, question.b) for operation in _OPERATIONS.values()]
+    return rng.choice(sorted({value for value in candidates if value >= 0 and value != right}))
+
+
+def arithmetic_preference_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
+    """Preference pairs over the same questions as :func:`arithmetic_rows`.
+
+    Args and Raises are those of :func:`arithmetic_rows`.
+
+    Returns:
+        Rows ``{"prompt", "chosen", "rejected", "answer"}`` where ``chosen`` is the
+        correct answer and ``rejected`` a plausible wrong one.
+    """
+    rng = random.Random(f"polm-arithmetic:{seed}:{split}:rejected")
+    rows = []
+    for question in _questions(split, size, seed):
+        answer = str(question.answer)
+        rows.append(
+            {
+                "prompt": question.row()["prompt"],
+                "chosen": answer,
+                "rejected": str(_wrong_answer(question, rng)),
+                "answer": answer,
+            }
+        )
+    return rows
