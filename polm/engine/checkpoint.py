@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from polm.engine.quiet import no_transformers_progress
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
@@ -48,16 +50,8 @@ def atomic_directory(target: Path):
 
 def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """``save_pretrained`` for the model (safetensors) and its tokenizer."""
-    from transformers.utils import logging as transformers_logging
-
-    # transformers draws a shard progress bar per save, which would break polm's own bar.
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with no_transformers_progress():
         model.save_pretrained(directory, safe_serialization=True)
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

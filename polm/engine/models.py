@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from polm.engine.errors import PolmError, did_you_mean
+from polm.engine.quiet import no_transformers_progress
 
 STAGE_FILE = "polm_stage.json"
 
@@ -35,7 +36,8 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     models = registry("models")
     spec = str(spec)
     if spec in models:
-        model, loaded_tokenizer = models.get(spec)()
+        with no_transformers_progress():
+            model, loaded_tokenizer = models.get(spec)()
         return model, _ready(tokenizer or loaded_tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / "final").is_dir():
@@ -46,7 +48,8 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
             f"Registered: {', '.join(models) or 'none'}"
         )
     try:
-        return _from_pretrained(str(path) if path.exists() else spec, tokenizer)
+        with no_transformers_progress():
+            return _from_pretrained(str(path) if path.exists() else spec, tokenizer)
     except OSError as error:
         raise PolmError(
             f"could not load model '{spec}': {str(error).splitlines()[0]}. Registered models: {', '.join(models)}"
