@@ -12,6 +12,7 @@ import argparse
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,11 +45,12 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 def _held_out_expressions(seed: int) -> set[str]:
     # "What is 37 + 48?" -> "37 + 48"
-    return {row["prompt"].removeprefix("What is ").removesuffix("?") for row in arithmetic_rows("test", seed=seed)}
+    prompts = [row["prompt"] for row in arithmetic_rows("test", seed=seed)]
+    return {prompt.removeprefix("What is ").removesuffix("?") for prompt in prompts}
 
 
-def _token_stream(tokenizer: PreTrainedTokenizerFast, documents, tokens: int) -> torch.Tensor:
-    """Documents, each followed by <|endoftext|>, concatenated to at least ``tokens`` tokens."""
+def _token_stream(tokenizer: PreTrainedTokenizerFast, documents: Iterator[str], tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of the documents, each followed by <|endoftext|>."""
     separator = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     ids: list[int] = []
     while len(ids) < tokens:
@@ -66,10 +68,16 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def pretrain(
-    model: LlamaForCausalLM, stream: torch.Tensor, steps: int, batch_size: int, lr: float, log_every: int
+    model: LlamaForCausalLM,
+    stream: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_every: int,
 ) -> None:
     """Next-token training on random windows of ``stream`` with AdamW and a cosine schedule."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     windows = stream[: len(stream) // SEQUENCE_LENGTH * SEQUENCE_LENGTH].view(-1, SEQUENCE_LENGTH)
     model.train()
@@ -98,7 +106,7 @@ def build(out: Path, seed: int, steps: int, batch_size: int, lr: float, log_ever
 
     model = LlamaForCausalLM(tiny_config(tokenizer))
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
-    pretrain(model, stream, steps, batch_size, lr, log_every)
+    pretrain(model, stream, steps, batch_size, lr, seed, log_every)
 
     end_ids = [tokenizer.convert_tokens_to_ids(END), tokenizer.convert_tokens_to_ids(END_OF_TEXT)]
     model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
@@ -111,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
     parser.add_argument("--seed", type=int, default=0)
+    # Measured: with these defaults the model learns to add; with lr 3e-3 and
+    # 16 windows of 128 tokens it was still guessing sums after 2000 steps.
     parser.add_argument("--steps", type=int, default=2600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -32,7 +32,22 @@ _FAMILIES: list[tuple[float, Callable[[random.Random], Expression]]] = [
     (0.5, lambda rng: _three(rng)),
 ]
 
-_NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena", "Max", "Nora"]
+_NAMES = [
+    "Ada",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jade",
+    "Kai",
+    "Lena",
+    "Max",
+    "Nora",
+]
 _THINGS = ["apples", "books", "coins", "stamps", "marbles", "shells", "cards", "pens", "eggs", "stones"]
 _ANIMALS = ["cat", "dog", "bird", "fox", "horse", "rabbit", "owl", "fish"]
 _COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "grey"]
