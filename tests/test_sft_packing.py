@@ -59,14 +59,14 @@ def _first_and_last_loss(run_dir):
 
 
 def test_packed_padding_free_and_neftune_sft_train(random_model, tokenizer, arithmetic, tmp_path):
-    """Each layout trains: the loss falls over 30 steps."""
+    """Each layout trains: the loss falls by 30% over 40 steps."""
     rows, _ = arithmetic
     for name, extra in [("packed", {"packing": True, "max_length": 64}), ("padding_free", {"padding_free": True}),
                         ("neftune", {"neftune_alpha": 5.0})]:
         model = type(random_model)(random_model.config)
         model.load_state_dict(random_model.state_dict())
         polm.Pipeline(model, tokenizer=tokenizer).add(
-            "sft", data=rows[:32], max_steps=30, batch_size=8, lr=3e-3, log_every=5, eval_size=0, **extra
+            "sft", data=rows[:32], max_steps=40, batch_size=8, lr=3e-3, log_every=5, eval_size=0, **extra
         ).run(tmp_path / name)
         first, last = _first_and_last_loss(tmp_path / name)
         assert last < 0.7 * first, (name, first, last)

@@ -103,9 +103,11 @@ class RFTStage(Stage):
                 continue
             round_dir.mkdir(parents=True, exist_ok=True)
             examples, stats = self.sample_round(model, tokenizer, rows, context.seed * 1000 + index)
-            if not examples:
-                metrics = {f"round_{index}/{k}": v for k, v in stats.items()}
-                continue  # nothing accepted: the next round samples again
+            round_metrics = {f"round_{index}/{k}": v for k, v in stats.items()}
+            if not examples:  # nothing accepted: keep the model, the next round samples again
+                metrics = round_metrics
+                self._finish_round(done, model, tokenizer, metrics)
+                continue
             task = TrainingTask(
                 rows=examples,
                 collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
@@ -117,8 +119,15 @@ class RFTStage(Stage):
             model = output.model
             if output.interrupted:
                 return StageOutput(model, output.metrics, interrupted=True)
-            metrics = {**output.metrics, **{f"round_{index}/{k}": v for k, v in stats.items()}}
-            with atomic_directory(done) as directory:
-                save_model(model, tokenizer, directory)
-                (directory / ROUND_FILE).write_text(json.dumps(metrics))
+            metrics = {**output.metrics, **round_metrics}
+            self._finish_round(done, model, tokenizer, metrics)
+        if not any(key.startswith("eval/") for key in metrics):  # the last round trained nothing
+            metrics.update({f"eval/{key}": value for key, value in self.evaluate(model, tokenizer).items()})
         return StageOutput(model, metrics)
+
+    @staticmethod
+    def _finish_round(done: Any, model: torch.nn.Module, tokenizer: Any, metrics: dict[str, float]) -> None:
+        """Save the round's model and metrics so that a resumed run skips the round."""
+        with atomic_directory(done) as directory:
+            save_model(model, tokenizer, directory)
+            (directory / ROUND_FILE).write_text(json.dumps(metrics))
