@@ -357,3 +357,23 @@ def test_pipeline_refuses_a_stage_after_a_virtual_token_stage(random_model, toke
         "sft", data=rows, max_steps=1, tuning="prompt", tuning_options={"num_virtual_tokens": 2})
     with pytest.raises(polm.PolmError, match="stage 1 'sft' cannot follow stage 0 'sft' tuned with 'prompt'"):
         pipeline.add("sft", data=rows, max_steps=1)
+
+
+def test_merged_adapters_load_with_plain_transformers_and_match_the_adapter_model(random_model, tokenizer,
+                                                                                   arithmetic, tmp_path):
+    """merge_adapters writes final/merged: a plain transformers model with the adapter model's logits."""
+    from peft import PeftModel
+
+    rows, _ = arithmetic
+    base = copy.deepcopy(random_model)
+    result = polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "sft", data=rows, max_steps=3, batch_size=4, lr=1e-2, eval_size=0, tuning="lora", merge_adapters=True,
+    ).run(tmp_path / "run")
+    final = result.stages[0].checkpoint
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    adapter = PeftModel.from_pretrained(base, final)
+    assert not hasattr(merged, "peft_config") and (final / "merged" / "model.safetensors").is_file()
+    ids = torch.tensor([tokenizer("What is 12 + 7?")["input_ids"]])
+    merged.eval()
+    adapter.eval()
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits)
