@@ -70,6 +70,7 @@ def test_packed_padding_free_and_neftune_sft_train(random_model, tokenizer, arit
         ).run(tmp_path / name)
         first, last = _first_and_last_loss(tmp_path / name)
         assert last < 0.7 * first, (name, first, last)
+        assert not model.get_input_embeddings()._forward_hooks, "the NEFTune hook must not outlive its stage"
 
 
 def test_neftune_noise_is_on_in_training_only(random_model, tokenizer):

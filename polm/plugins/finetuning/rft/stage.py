@@ -25,7 +25,7 @@ from polm.engine.rewards import score
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.engine.tuning import load_weights
-from polm.plugins.finetuning.sft.loss import completion_loss
+from polm.plugins.finetuning.sft.stage import sft_loss
 
 ROUND_FILE = "round.json"
 
@@ -111,8 +111,7 @@ class RFTStage(Stage):
             task = TrainingTask(
                 rows=examples,
                 collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
-                compute_loss=lambda m, batch: completion_loss(
-                    m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]),
+                compute_loss=sft_loss,
                 evaluate=lambda m: self.evaluate(m, tokenizer),
             )
             output = train(self.name, replace(context, model=model, stage_dir=round_dir), self.options, task)

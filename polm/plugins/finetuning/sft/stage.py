@@ -46,6 +46,15 @@ class SFTOptions(StageOptions):
             raise ValueError(f"'neftune_alpha' must not be negative, got {self.neftune_alpha}")
 
 
+def sft_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The completion loss of a padded or a packed batch."""
+    if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return completion_loss(logits, batch["labels"])
+
+
 class SFTStage(Stage):
     """Supervised fine-tuning: cross-entropy on completion / assistant tokens, prompts masked."""
 
@@ -87,17 +96,10 @@ class SFTStage(Stage):
             rows = examples
             collate = lambda items: pad_batch(items, pad_id)  # noqa: E731
 
-        def compute_loss(model: torch.nn.Module, batch: dict[str, Any]):
-            if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
-                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return completion_loss(logits, batch["labels"])
-
         return TrainingTask(
             rows=rows,
             collate=collate,
-            compute_loss=compute_loss,
+            compute_loss=sft_loss,
             evaluate=lambda model: self.evaluate(model, tokenizer),
             count_tokens=lambda batch: int(batch["num_tokens"]) if "num_tokens" in batch
             else int(batch["attention_mask"].sum()),
