@@ -40,3 +40,27 @@ def arithmetic():
     from polm.modalities.text.tasks.arithmetic import arithmetic_rows
 
     return arithmetic_rows("train", 64), arithmetic_rows("test", 16)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The quickstart recipe (SFT of polm-tiny on polm:arithmetic, ~2 min), run once per test session.
+
+    Returns:
+        ``(recipe, RunResult)``; the result's first stage holds the before/after metrics.
+    """
+    from importlib.resources import files
+
+    from polm.engine.recipe import load_recipe
+
+    recipe = load_recipe(str(files("polm.recipes") / "quickstart.yaml"))
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    return recipe, recipe.pipeline().run(run_dir, evaluate_before=True)
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(quickstart_run):
+    """The folder of the quickstart's SFT model (about 77% held-out exact_match): the start of alignment
+    and reasoning learning tests. Treat it as read-only."""
+    _, result = quickstart_run
+    return result.stages[0].checkpoint

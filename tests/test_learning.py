@@ -1,40 +1,29 @@
 """Learning tests on the shipped polm-tiny: post-training moves the metric it should move.
 
-The quickstart recipe runs once (about two minutes on two CPU cores) and is
-shared; the LoRA comparison adds about two minutes.
+The quickstart recipe runs once per session (the ``quickstart_run`` fixture of
+conftest, about two minutes on two CPU cores); the LoRA comparison adds about two minutes.
 """
 
 from __future__ import annotations
 
-from importlib.resources import files
-
-import pytest
-
 import polm
 from polm.engine.models import count_parameters
 from polm.engine.plugins import registry
-from polm.engine.recipe import load_recipe
 
 LORA = {"r": 8, "alpha": 16}
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    recipe = load_recipe(str(files("polm.recipes") / "quickstart.yaml"))
-    return recipe, recipe.pipeline().run(tmp_path_factory.mktemp("learning") / "quickstart", evaluate_before=True)
-
-
-def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart):
+def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart_run):
     """Held-out exact_match on polm:arithmetic rises from under 10% (the base) to over 50% after SFT."""
-    _, result = quickstart
+    _, result = quickstart_run
     before = result.stages[0].before["exact_match"]
     after = result.stages[0].metrics["eval/exact_match"]
     assert before < 0.10 and after > 0.50, f"exact_match before {before:.1%}, after {after:.1%}"
 
 
-def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(quickstart, tmp_path):
+def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(quickstart_run, tmp_path):
     """LoRA at the quickstart's step budget reaches full SFT's exact_match minus at most 10 points."""
-    recipe, full = quickstart
+    recipe, full = quickstart_run
     options = {key: value for key, value in recipe.stages[0].items() if key != "name"}
     options.update(lr=3e-3, tuning="lora", tuning_options=LORA)
     lora = polm.Pipeline("polm-tiny").add("sft", **options).run(tmp_path / "lora")

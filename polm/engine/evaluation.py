@@ -6,24 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from polm.engine.answers import answers_match
 from polm.engine.data import Row, load_rows, row_format
-from polm.engine.encoding import encode_prompt
 from polm.engine.errors import PolmError
+from polm.engine.rollout import sample
 
 
-def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids from the generation config and the tokenizer."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -33,41 +22,17 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     show_progress: bool = False,
+    num_samples: int = 1,
+    stop_strings: Sequence[str] = (),
 ) -> list[str]:
-    """Complete each prompt (chat-templated when the tokenizer has a template).
+    """Complete each prompt (chat-templated when the tokenizer has a template); ``temperature`` 0 is greedy.
 
-    Batches are left-padded and decoded with the KV cache; ``temperature`` 0 is greedy.
+    With ``num_samples`` > 1 the samples of prompt ``i`` are entries ``i*num_samples ...``.
+    See :func:`polm.engine.rollout.sample` for the tokens behind the text.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer)
-    completions: list[str] = []
-    with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("generating", total=len(prompts))
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, ids in enumerate(encoded):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention_mask[i, width - len(ids):] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False}
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-            for row in output[:, width:]:
-                completions.append(tokenizer.decode(row, skip_special_tokens=True))
-            progress.advance(task, len(encoded))
-    model.train(was_training)
-    return completions
+    return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                  temperature=temperature, top_p=top_p, stop_strings=stop_strings, batch_size=batch_size,
+                  show_progress=show_progress).texts
 
 
 def reference(row: Row) -> str | None:

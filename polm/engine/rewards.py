@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from polm.engine.data import Row
@@ -39,3 +40,48 @@ def score(name: str, reward: Any, rows: Sequence[Row], completions: Sequence[str
             raise PolmError(f"reward '{name}' returned {value!r} for sample {index} "
                             f"(prompt={prompts[index]!r}, completion={completions[index]!r}); expected a finite number")
     return [float(value) for value in values]
+
+
+def parse_reward_weights(spec: str | Sequence[str] | Mapping[str, float], option: str = "rewards") -> dict[str, float]:
+    """``accuracy``, ``[accuracy, format]`` or ``{accuracy: 1.0, format: 0.2}`` as ``{name: weight}``.
+
+    Raises:
+        PolmError: an empty spec or a weight that is not a finite number; names are checked by the registry.
+    """
+    if isinstance(spec, str):
+        weights = {spec: 1.0}
+    elif isinstance(spec, Mapping):
+        weights = dict(spec)
+    else:
+        weights = {name: 1.0 for name in spec}
+    if not weights:
+        raise PolmError(f"option '{option}' names no reward; e.g. {{accuracy: 1.0, format: 0.2}}")
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise PolmError(f"option '{option}': the weight of reward '{name}' must be a number, got {weight!r}")
+    return {str(name): float(weight) for name, weight in weights.items()}
+
+
+def score_weighted(weights: Mapping[str, float], rows: Sequence[Row], completions: Sequence[str],
+                   reward_options: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> tuple[list[float], dict[str, list[float]]]:
+    """The weighted sum of several registered rewards, and each reward's own values.
+
+    Args:
+        weights: ``{reward name: weight}`` (see :func:`parse_reward_weights`).
+        rows: one row per completion (its fields reach the rewards as keyword lists).
+        reward_options: keyword arguments per reward name, e.g. ``{format: {pattern: ...}}``.
+
+    Returns:
+        ``(total, per_reward)``: N weighted sums, and ``{name: N values}`` before weighting.
+    """
+    from polm.engine.plugins import registry
+
+    rewards = registry("rewards")
+    per_reward: dict[str, list[float]] = {}
+    for name in weights:
+        function = rewards.get(name)
+        options = dict((reward_options or {}).get(name, {}))
+        per_reward[name] = score(name, partial(function, **options) if options else function, rows, completions)
+    total = [sum(weights[name] * per_reward[name][i] for name in weights) for i in range(len(completions))]
+    return total, per_reward
