@@ -1,4 +1,4 @@
-"""The ``polm`` command line: run, plugins, eval, quickstart.
+"""The ``polm`` command line: run, plugins, eval, quickstart, app.
 
 User errors print one line (``polm: error: ...``) and exit with status 2.
 """
@@ -45,13 +45,20 @@ def _parser() -> argparse.ArgumentParser:
 
     quickstart = commands.add_parser("quickstart", help="post-train polm-tiny on the bundled task, offline")
     quickstart.add_argument("--output", help="run folder (default: runs/quickstart-<time>)")
+
+    app = commands.add_parser("app", help="start the Gradio app: chat, rewards, training, plugins (extra 'app')")
+    app.add_argument("--checkpoint", dest="checkpoints", action="extend", nargs="+", default=[], metavar="DIR",
+                     help="run folders or checkpoint folders whose models the Chat tab offers (repeatable)")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
-        return {"run": _run, "plugins": _plugins, "eval": _eval, "quickstart": _quickstart}[arguments.command](arguments)
+        return {"run": _run, "plugins": _plugins, "eval": _eval, "quickstart": _quickstart,
+                "app": _app}[arguments.command](arguments)
     except PolmError as error:
         print(f"polm: error: {error}", file=sys.stderr)
         return 2
@@ -90,23 +97,31 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _plugins(arguments: argparse.Namespace) -> int:
+def plugins_report() -> dict[str, Any]:
+    """What ``polm plugins --json`` prints (and the app's Plugins tab shows).
+
+    Returns:
+        ``{"plugins": [{name, source, contributes: {kind: [names]}}], "problems": [lines]}``.
+    """
     from polm.engine.plugins import plugin_problems, state
 
-    infos = state().describe()
-    problems = plugin_problems()
+    return {"plugins": [dict(info.__dict__) for info in state().describe()], "problems": plugin_problems()}
+
+
+def _plugins(arguments: argparse.Namespace) -> int:
+    report = plugins_report()
     if arguments.json:
-        print(json.dumps({"plugins": [info.__dict__ for info in infos], "problems": problems}, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
     table = Table(title="polm plugins")
     table.add_column("plugin")
     table.add_column("source")
     table.add_column("contributes")
-    for info in infos:
-        contributes = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.contributes.items())
-        table.add_row(info.name, info.source, contributes or "-")
+    for info in report["plugins"]:
+        contributes = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info["contributes"].items())
+        table.add_row(info["name"], info["source"], contributes or "-")
     console.print(table)
-    for problem in problems:
+    for problem in report["problems"]:
         console.print(f"[red]{problem}")
     return 0
 
@@ -131,6 +146,13 @@ def _quickstart(arguments: argparse.Namespace) -> int:
     pipeline = recipe.pipeline()
     result = pipeline.run(output, evaluate_before=True)
     _print_result(result, pipeline, title=f"polm quickstart ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _app(arguments: argparse.Namespace) -> int:
+    from polm.apps.server import launch
+
+    launch(arguments.checkpoints, host=arguments.host, port=arguments.port)
     return 0
 
 
