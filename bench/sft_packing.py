@@ -1,9 +1,11 @@
-"""Useful (non-padding) tokens per second of SFT: padded vs packed vs padding-free, and a bare PyTorch loop.
+"""Useful (non-padding) tokens per second of SFT: padded vs packed vs padding-free, a bare PyTorch loop, and TRL.
 
-Run: ``python bench/sft_packing.py [--steps 40] [--threads 2]``. All runs train the
+Run: ``python bench/sft_packing.py [--steps 40] [--threads 2]`` (TRL rows need
+``pip install 'polm[bench]'``; without it they are skipped). All runs train the
 same randomly initialised polm-tiny-shaped model on the same mixed-length rows
 (long-tailed lengths, as in real instruction data), side by side in one
-process, and print a table with each layout's ratio to padded polm SFT.
+process, and print a table with each run's ratio to padded polm SFT. Every run
+skips its first quarter of steps as warm-up.
 """
 
 from __future__ import annotations
@@ -72,6 +74,33 @@ def bare_loop(rows, tokenizer, steps: int, batch_size: int) -> float:
     return tokens / elapsed
 
 
+def trl_run(rows, tokenizer, steps: int, batch_size: int, packing: bool = False) -> float:
+    """TRL's ``SFTTrainer`` on the same rows and model, completion-only loss; non-padding tokens per second."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class Throughput(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= steps // 4:
+                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    throughput = Throughput()
+    with tempfile.TemporaryDirectory() as folder:
+        config = SFTConfig(
+            output_dir=folder, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-4,
+            max_length=256, packing=packing, completion_only_loss=True, save_strategy="no", report_to=[],
+            logging_steps=steps, disable_tqdm=True, use_cpu=True, include_num_input_tokens_seen="non_padding",
+        )
+        SFTTrainer(model=fresh_model(), args=config, train_dataset=Dataset.from_list(rows),
+                   processing_class=tokenizer, callbacks=[throughput]).train()
+    (start, seen_start), (end, seen_end) = throughput.marks[0], throughput.marks[-1]
+    return (seen_end - seen_start) / (end - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
@@ -89,6 +118,14 @@ def main() -> None:
         "polm sft, padding_free": polm_run(rows, tokenizer, arguments.steps, arguments.batch_size,
                                            padding_free=True),
     }
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL is not installed: pip install 'polm[bench]' to add its rows")
+    else:
+        results["TRL SFTTrainer, padded"] = trl_run(rows, tokenizer, arguments.steps, arguments.batch_size)
+        results["TRL SFTTrainer, packing"] = trl_run(rows, tokenizer, arguments.steps, arguments.batch_size,
+                                                     packing=True)
     print(f"{'run':28s} {'useful tok/s':>12s} {'vs padded polm':>15s}")
     for name, speed in results.items():
         print(f"{name:28s} {speed:12,.0f} {speed / padded:14.2f}x")

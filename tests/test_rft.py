@@ -11,7 +11,8 @@ from polm.engine.rewards import score
 
 
 class _Rewards:
-    """A runtime plugin with two rewards: one accepts completions that contain a digit, one is broken."""
+    """A runtime plugin with rewards: one accepts completions that contain a digit, one the samples of
+    even-numbered prompts only, one is broken."""
 
     calls: list[int] = []
 
@@ -23,6 +24,7 @@ class _Rewards:
 
         register("has_digit", has_digit)
         register("too_short", lambda prompts, completions, **fields: [1.0])
+        register("even_level", lambda prompts, completions, level, **fields: [float(lv % 2 == 0) for lv in level])
 
 
 @pytest.fixture
@@ -48,6 +50,23 @@ def test_rft_keeps_accepted_samples_and_trains_each_round(random_model, tokenize
                 [f"round_{index}/accepted_fraction"] for index in range(2)]
     assert all(0 <= fraction <= 1 for fraction in accepted) and accepted[0] > 0, accepted
     assert "eval/exact_match" in result.stages[0].metrics
+
+
+def test_max_pass_rate_skips_prompts_whose_samples_all_passed(random_model, tokenizer, rewards_plugin):
+    """Prompts of even level pass every sample (pass rate 1.0), the others none: at max_pass_rate 0.5
+    nothing is learnt from; at 1.0 each even-level prompt contributes its distinct passing samples."""
+    from polm.plugins.finetuning.rft.stage import RFTStage
+
+    rows = [{"prompt": f"What is {n} + 1?", "answer": str(n + 1), "level": n % 4 + 1} for n in range(8)]
+    stats = {}
+    for rate in (0.5, 1.0):
+        stage = RFTStage("rft", RFTStage.Options(data=rows, reward="even_level", samples=3, prompts_per_round=8,
+                                                 max_new_tokens=3, max_pass_rate=rate))
+        examples, stats[rate] = stage.sample_round(random_model, tokenizer, rows, seed=0)
+        assert stats[rate]["accepted_fraction"] == 0.5 and stats[rate]["prompts_solved"] == 0.5
+        assert len(examples) == stats[rate]["examples"]
+    assert stats[0.5]["examples"] == 0
+    assert 4 <= stats[1.0]["examples"] <= 12  # 4 prompts x 3 samples, minus repeated completions
 
 
 def test_reward_with_wrong_length_is_named_with_the_sample(rewards_plugin):
