@@ -76,7 +76,7 @@ def bare_loop(rows, tokenizer, steps: int, batch_size: int) -> float:
 
 def trl_run(rows, tokenizer, steps: int, batch_size: int, packing: bool = False) -> float:
     """TRL's ``SFTTrainer`` on the same rows and model, completion-only loss; non-padding tokens per second."""
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -89,6 +89,7 @@ def trl_run(rows, tokenizer, steps: int, batch_size: int, packing: bool = False)
                 self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
     throughput = Throughput()
+    disable_progress_bars()
     with tempfile.TemporaryDirectory() as folder:
         config = SFTConfig(
             output_dir=folder, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-4,
