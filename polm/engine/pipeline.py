@@ -174,13 +174,14 @@ class Pipeline:
             torch.manual_seed(self.seed + index)  # adapters initialise from the pipeline seed
             model = stage.prepare(model)
             if resume and (final_dir / STAGE_FILE).is_file():
-                load_weights(model, final_dir)
+                if stage.trains_policy:
+                    load_weights(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue
             context = StageContext(model, tokenizer, stage_dir, self.seed + index, resume, on_log, stop)
             output = stage.run(context)
-            model = output.model
+            starting, model = model, output.model
             if output.interrupted:
                 result.stages.append(StageResult(stage.name, output.metrics, None, before, interrupted=True))
                 break
@@ -195,6 +196,8 @@ class Pipeline:
                     (directory / STAGE_FILE).write_text(json.dumps(record, indent=2))
             processes.wait_for_everyone()
             result.stages.append(StageResult(stage.name, output.metrics, final_dir, before))
+            if not stage.trains_policy:
+                model = starting  # its final/ holds a side model; the next stage continues from the policy
         return result
 
     def _claim(self, output_dir: Path, resume: bool) -> None:

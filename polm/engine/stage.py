@@ -59,6 +59,9 @@ class Stage:
     Options: ClassVar[type] = StageOptions
     #: The metric the quickstart table and the app show for this stage.
     headline_metric: ClassVar[str] = "exact_match"
+    #: False for a stage that trains a side model (a reward model) from the model it is handed: the pipeline
+    #: saves the stage's output as its ``final/`` but hands the stage's starting model on to the next stage.
+    trains_policy: ClassVar[bool] = True
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name

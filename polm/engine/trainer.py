@@ -58,6 +58,11 @@ class TrainingTask:
         compute_loss: ``(model, batch) -> (scalar loss, metrics)``.
         evaluate: ``model -> held-out metrics``; called every ``eval_every`` steps and at the end.
         count_tokens: tokens in a batch for tokens/s; defaults to the attention mask's sum.
+        extra_parameters: trained with the model's (a value head); on several processes the loop averages
+            their gradients, which no DDP wrapper does for them.
+        save_state: ``folder -> None`` writes the stage's own state beyond the model (a value head, a
+            rollout buffer) into each checkpoint folder; called by the main process only.
+        load_state: ``folder -> None`` reads it back when a run resumes from that checkpoint.
     """
 
     rows: Sequence[Any]
@@ -65,6 +70,9 @@ class TrainingTask:
     compute_loss: LossFn
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     count_tokens: Callable[[Batch], int] | None = None
+    extra_parameters: Sequence[torch.nn.Parameter] = ()
+    save_state: Callable[[Path], None] | None = None
+    load_state: Callable[[Path], None] | None = None
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -155,6 +163,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     torch.manual_seed(context.seed)
     model = context.model
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    trainable += list(task.extra_parameters)
     if not trainable:
         raise PolmError(f"stage '{name}': the tuning method left no trainable parameters")
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
@@ -173,6 +182,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     if checkpoint is not None:
         load_weights(accelerator.unwrap_model(model), checkpoint)
         start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
+        if task.load_state is not None:
+            task.load_state(checkpoint)
         if accelerator.is_main_process:
             _drop_metrics_after(metrics_path, start)
     if accelerator.log_with:
@@ -184,6 +195,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
             with atomic_directory(stage_dir / checkpoint_name(step)) as directory:
                 save_model(accelerator.unwrap_model(model), context.tokenizer, directory)
                 save_training_state(directory, step, optimizer, scheduler, accelerator.process_index, {"stage": name})
+                if task.save_state is not None:
+                    task.save_state(directory)
 
     def log(record: dict[str, Any]) -> None:
         if accelerator.is_main_process:
@@ -228,6 +241,10 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     for key, value in metrics.items():
                         window[key].append(float(value))
                     window_tokens += count_tokens(batch) * accelerator.num_processes
+                if accelerator.num_processes > 1:
+                    for parameter in task.extra_parameters:
+                        if parameter.grad is not None:
+                            parameter.grad = accelerator.reduce(parameter.grad, "mean")
                 if options.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
                     window["grad_norm"].append(float(grad_norm))
