@@ -75,32 +75,47 @@ def find_objective(name: str) -> Objective:
     raise PolmError(f"unknown objective '{name}'.{did_you_mean(name, objectives)} Available: {available}")
 
 
-def check_objective_options(objective: Objective, options: dict[str, Any]) -> None:
-    """Fail before training on options the objective does not take or values it rejects.
+def check_function_options(where: str, fn: Callable[..., Any], options: dict[str, Any], leading: int,
+                           sample: tuple[Any, ...]) -> None:
+    """Fail before training on options ``fn`` does not take or values it rejects.
 
-    The objective is called once on (1,) zero tensors with ``options``, so a
-    value it refuses (``ValueError``) surfaces when the pipeline is built.
+    Args:
+        where: what the options belong to, for messages (``"objective 'dpo'"``).
+        leading: the positional tensor arguments before the options.
+        sample: arguments to call ``fn`` with once, so that a value it refuses
+            (``ValueError``) surfaces when the pipeline is built.
 
     Raises:
-        PolmError: naming the objective, the option and the valid ones.
+        PolmError: naming ``where``, the option and the valid ones.
     """
-    where = f"objective '{objective.name}'"
     try:
-        parameters = list(inspect.signature(objective.fn).parameters.values())
+        parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         parameters = []
     if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters):
-        valid = [p.name for p in parameters[PAIRWISE_ARGUMENTS:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        valid = [p.name for p in parameters[leading:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for name in options:
             if name not in valid:
                 raise PolmError(f"{where}: unknown option '{name}'.{did_you_mean(name, valid)} "
                                 f"Valid options: {', '.join(valid) or 'none'}")
-    zeros = torch.zeros(1)
-    reference = (None, None) if objective.reference_free else (zeros, zeros)
     try:
-        result = objective.fn(zeros, zeros, *reference, **options)
+        result = fn(*sample, **options)
     except (ValueError, TypeError) as error:
         raise PolmError(f"{where}: {error}") from None
     if not (isinstance(result, tuple) and len(result) == 2 and torch.is_tensor(result[0])
             and isinstance(result[1], dict)):
         raise PolmError(f"{where} must return (loss tensor, metrics dict), got {type(result).__name__}")
+
+
+def check_objective_options(objective: Objective, options: dict[str, Any]) -> None:
+    """Fail before training on options the pairwise objective does not take or values it rejects.
+
+    The objective is called once on (1,) zero tensors with ``options``.
+
+    Raises:
+        PolmError: naming the objective, the option and the valid ones.
+    """
+    zeros = torch.zeros(1)
+    reference = (None, None) if objective.reference_free else (zeros, zeros)
+    check_function_options(f"objective '{objective.name}'", objective.fn, options, PAIRWISE_ARGUMENTS,
+                           (zeros, zeros, *reference))

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from polm.engine.rollout import Rollout, completion_token_logps
 from polm.engine.tuning import is_peft
 from polm.plugins.alignment.logps import EncodedPair, collate_pairs, sequence_logps
 
@@ -63,19 +64,33 @@ class ReferenceModel:
         """Drop the frozen copy (once every reference log-prob needed is computed)."""
         self.frozen = None
 
-    @torch.no_grad()
-    def logps(self, policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) reference log-probs of the rows of ``batch``; ``policy`` is the model being trained."""
+    @contextmanager
+    def model(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The starting model, to score with inside the block: the frozen copy (moved to ``policy``'s device),
+        or for a peft policy the policy itself in eval mode with its adapters disabled."""
         if self.shares_policy:
             model = _unwrap(policy)
             with eval_mode(model), model.disable_adapter():
-                return sequence_logps(model, batch, self.average)
+                yield model
+            return
         if self.frozen is None:
             raise RuntimeError("the reference copy was released; its log-probs had to be precomputed")
-        device = batch["input_ids"].device
+        device = next(policy.parameters()).device
         if next(self.frozen.parameters()).device != device:
             self.frozen.to(device)
-        return sequence_logps(self.frozen, batch, self.average)
+        yield self.frozen
+
+    @torch.no_grad()
+    def logps(self, policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) reference log-probs of the rows of ``batch``; ``policy`` is the model being trained."""
+        with self.model(policy) as model:
+            return sequence_logps(model, batch, self.average)
+
+    @torch.no_grad()
+    def token_logps(self, policy: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+        """(N, C) reference log-probs of each sampled token of ``rollout`` (0 on padding)."""
+        with self.model(policy) as model:
+            return completion_token_logps(model, rollout, temperature)[0]
 
     def precompute(self, policy: torch.nn.Module, pairs: Sequence[EncodedPair], pad_token_id: int,
                    batch_size: int, device: torch.device) -> list[EncodedPair]:

@@ -70,7 +70,11 @@ class PreferenceStage(Stage):
         check_data_spec(self.options.data, "data")
         if self.options.eval_data is not None:
             check_data_spec(self.options.eval_data, "eval_data")
-        check_objective_options(find_objective(self.options.objective), self.options.objective_options)
+        check_objective_options(self.objective(), self.options.objective_options)
+
+    def objective(self) -> Objective:
+        """The pairwise objective named by ``objective``, looked up now (plugins may have changed)."""
+        return find_objective(self.options.objective)
 
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str = "data") -> list[EncodedPair]:
         """The pairs of ``rows`` that fit ``max_length``; a warning counts the others."""
@@ -121,7 +125,7 @@ class PreferenceStage(Stage):
         implicit reward is 0 and no pair is won.
         """
         metrics: dict[str, float] = {}
-        objective = find_objective(self.options.objective)
+        objective = self.objective()
         rows = self.eval_rows()
         pairs = self.eval_pairs(tokenizer, rows)
         if pairs and not objective.reference_free and reference_logps is None:
@@ -139,20 +143,22 @@ class PreferenceStage(Stage):
             metrics.update(exact_match(model, tokenizer, answered, self.options.max_new_tokens))
         return metrics
 
+    def eval_reference_logps(self, model: torch.nn.Module, tokenizer: Any,
+                             reference: ReferenceModel | None) -> torch.Tensor | None:
+        """(2P,) reference log-probs of the held-out pairs, for :meth:`evaluate`; None without pairs or reference."""
+        pairs = self.eval_pairs(tokenizer) if reference is not None else []
+        return self.pair_logps(model, tokenizer, pairs, reference.average, reference) if pairs else None
+
     def training_task(self, context: StageContext, objective: Objective) -> TrainingTask:
         """Pairs, collation, the objective's loss and held-out evaluation, with the reference set up."""
         model, tokenizer, options = context.model, context.tokenizer, self.options
         pairs = self.encode(tokenizer, load_rows(options.data, "train"))
         reference = self.reference(model, objective)
-        eval_reference = None
-        if reference is not None:
-            eval_pairs = self.eval_pairs(tokenizer)
-            if eval_pairs:
-                eval_reference = self.pair_logps(model, tokenizer, eval_pairs, objective.average_logps, reference)
-            if options.precompute_ref:
-                pairs = reference.precompute(model, pairs, tokenizer.pad_token_id, options.batch_size,
-                                             PartialState().device)
-                reference.release()
+        eval_reference = self.eval_reference_logps(model, tokenizer, reference)
+        if reference is not None and options.precompute_ref:
+            pairs = reference.precompute(model, pairs, tokenizer.pad_token_id, options.batch_size,
+                                         PartialState().device)
+            reference.release()
 
         def compute_loss(policy: torch.nn.Module, batch: dict[str, Any]):
             logps = sequence_logps(policy, batch, objective.average_logps)  # (2B,)
@@ -173,7 +179,7 @@ class PreferenceStage(Stage):
         )
 
     def run(self, context: StageContext) -> StageOutput:
-        objective = find_objective(self.options.objective)  # at run time: plugins may have changed
+        objective = self.objective()  # at run time: plugins may have changed
         return train(self.name, context, self.options, self.training_task(context, objective))
 
 

@@ -1,0 +1,5 @@
+"""LLM-as-a-judge: the ``judge`` reward."""
+
+from polm.plugins.alignment.judge.reward import DEFAULT_TEMPLATE, judge_reward
+
+__all__ = ["DEFAULT_TEMPLATE", "judge_reward"]
