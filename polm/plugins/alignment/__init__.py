@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
 from polm.plugins.alignment.dpo import ORPOStage, PreferenceStage, SimPOStage
+from polm.plugins.alignment.judge import judge_reward
+from polm.plugins.alignment.kto import KTOStage
 from polm.plugins.alignment.objectives import (
     PAIRWISE,
     UNPAIRED,
@@ -15,6 +17,9 @@ from polm.plugins.alignment.objectives import (
     robust_dpo_loss,
     simpo_loss,
 )
+from polm.plugins.alignment.online_dpo import OnlineDPOStage
+from polm.plugins.alignment.ppo import PPOStage
+from polm.plugins.alignment.reward_model import RewardModelStage, reward_model_reward
 
 
 @hookimpl
@@ -35,3 +40,16 @@ def polm_register_stages(register: Register) -> None:
     register("dpo", PreferenceStage, description="preference optimisation with any pairwise objective (default dpo)")
     register("simpo", SimPOStage, description="the dpo stage with the reference-free SimPO objective")
     register("orpo", ORPOStage, description="the dpo stage with the reference-free ORPO objective")
+    register("kto", KTOStage, description="KTO on unpaired rows {prompt, completion, label} or on preference pairs")
+    register("reward_model", RewardModelStage,
+             description="Bradley–Terry reward model on preference pairs; passes its starting policy on")
+    register("ppo", PPOStage, description="RLHF: PPO with a value head, KL penalty to the start and GAE")
+    register("online_dpo", OnlineDPOStage,
+             description="pairs sampled from the policy, labelled by a reward, trained with a pairwise objective")
+
+
+@hookimpl
+def polm_register_rewards(register: Register) -> None:
+    register("reward_model", reward_model_reward, description="the score of a trained reward model (option: path)")
+    register("judge", judge_reward,
+             description="p(Yes) of a local judge LM asked a template about the completion (options: model, template)")

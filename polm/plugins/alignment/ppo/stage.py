@@ -1,0 +1,247 @@
+"""The ``ppo`` stage: RLHF with a value head, a per-token KL penalty to the starting model and GAE.
+
+Each rollout samples ``samples`` completions for each of the ``batch_size``
+prompts of a step, scores them (a reward model and/or registered rewards, see
+:mod:`polm.plugins.alignment.scoring`), and turns the score into per-token
+rewards with the KL penalty ``-kl_coef (logp - ref_logp)`` (the reference is the
+starting model: a frozen copy, or the LoRA policy with its adapters disabled).
+GAE on the value head's estimates gives advantages and returns. The rollout
+is then replayed for ``ppo_epochs`` epochs of ``minibatches`` minibatches, one
+optimizer step each, with the clipped policy and value losses of
+:mod:`polm.plugins.alignment.ppo.loss`.
+
+The training loop's steps are those minibatch updates: a step samples a new
+rollout from its own prompts when the previous rollout is used up, and the
+``ppo_epochs * minibatches - 1`` steps that replay a rollout leave their
+prompts unused. So ``max_steps`` counts updates, and a rollout is sampled every
+``ppo_epochs * minibatches`` steps.
+
+Resume: each checkpoint holds the policy, the value head (``value_head/``) and
+the rollout buffer with its position (``rollout_buffer.pt``), so a run resumed
+in the middle of a rollout replays the same minibatches in the same order and
+continues exactly. (On several processes only the main process's buffer is
+saved; exact resume holds for single-process runs.) The trained value head is
+also written to the stage folder's ``value_head/``; ``final/`` holds the policy
+alone, a plain transformers model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
+
+from polm.engine.data import Row, check_data_spec, load_rows
+from polm.engine.options import StageOptions
+from polm.engine.rollout import Rollout, completion_token_logps, sample
+from polm.engine.stage import Stage, StageContext, StageOutput
+from polm.engine.trainer import TrainingTask, train
+from polm.plugins.alignment.dpo.reference import ReferenceModel
+from polm.plugins.alignment.ppo.loss import gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from polm.plugins.alignment.ppo.value_head import ValueHead, hidden_size, last_hidden_states
+from polm.plugins.alignment.scoring import RewardOptions, RewardSource
+
+BUFFER_FILE = "rollout_buffer.pt"
+
+
+@dataclass
+class PPOOptions(StageOptions, RewardOptions):
+    """Options of ``ppo``; ``batch_size`` is prompts per rollout, ``max_new_tokens`` the completion length."""
+
+    data: Any = field(default=None, metadata={
+        "help": "prompt rows, with the fields the rewards need (e.g. {prompt, answer}): 'polm:<name>', JSONL, list"})
+    samples: int = field(default=1, metadata={"help": "completions sampled per prompt in a rollout"})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout"})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO's epsilon for the policy ratio"})
+    value_clip_range: float = field(default=0.2, metadata={"help": "how far a value may move from its rollout estimate"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    kl_coef: float = field(default=0.05, metadata={"help": "weight of the per-token KL penalty to the starting model"})
+    gamma: float = field(default=1.0, metadata={"help": "discount per token"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages over each rollout"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data is None:
+            raise ValueError("option 'data' is required (prompt rows, e.g. 'polm:arithmetic')")
+        self.check_rewards()
+        for name in ("samples", "ppo_epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
+        if self.grad_accum != 1:
+            raise ValueError("ppo takes one optimizer step per minibatch; set 'minibatches' instead of 'grad_accum'")
+        if (self.batch_size * self.samples) % self.minibatches:
+            raise ValueError(f"'minibatches' ({self.minibatches}) must divide batch_size * samples "
+                             f"({self.batch_size * self.samples})")
+        for name in ("clip_range", "value_clip_range", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
+        for name in ("vf_coef", "kl_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"'{name}' must not be negative, got {getattr(self, name)}")
+        for name in ("gamma", "lam", "top_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"'{name}' must be in (0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class RolloutBuffer:
+    """One rollout with what its updates need, on the CPU; ``order`` lists each update's rows.
+
+    Attributes:
+        rollout: the sampled completions (N rows).
+        old_logps, old_values, advantages, returns: (N, C) at sampling time.
+        order: the row indices of each update (``ppo_epochs * minibatches`` of them).
+        used: updates made so far.
+        metrics: the rollout's statistics (score, KL to the reference, ...), logged with every update.
+    """
+
+    rollout: Rollout
+    old_logps: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    order: list[list[int]]
+    metrics: dict[str, float]
+    used: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used >= len(self.order)
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`from_state` rebuilds the buffer from (for checkpoints)."""
+        return {**{key: value for key, value in vars(self).items() if key != "rollout"},
+                "rollout": vars(self.rollout)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RolloutBuffer:
+        return cls(**{**state, "rollout": Rollout(**state["rollout"])})
+
+
+@dataclass
+class PPOStep:
+    """The loop's ``compute_loss`` for ``ppo``: samples a rollout when the buffer is used up, then one update."""
+
+    options: PPOOptions
+    tokenizer: Any
+    rewards: RewardSource
+    reference: ReferenceModel
+    value_head: ValueHead
+    buffer: RolloutBuffer | None = None
+    trained_tokens: int = 0
+
+    def forward(self, policy: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) log-probs of the sampled tokens and (N, C) values before each, from one forward pass."""
+        with last_hidden_states(extract_model_from_parallel(policy)) as captured:
+            logps, _ = completion_token_logps(policy, rollout, self.options.temperature)
+        width = rollout.completion_ids.shape[1]
+        values = self.value_head(captured[-1][:, -width - 1: -1])  # (N, C): the state before each token
+        return logps, values * rollout.completion_mask.to(values.device)
+
+    @torch.no_grad()
+    def collect(self, policy: torch.nn.Module, rows: list[Row]) -> RolloutBuffer:
+        """Sample, score and compute advantages for the prompts of ``rows``."""
+        options = self.options
+        rollout = sample(extract_model_from_parallel(policy), self.tokenizer, [row["prompt"] for row in rows],
+                         num_samples=options.samples, max_new_tokens=options.max_new_tokens,
+                         temperature=options.temperature, top_p=options.top_p)
+        scores = self.rewards([row for row in rows for _ in range(options.samples)], rollout.texts)  # (N,)
+        old_logps, old_values = (tensor.cpu() for tensor in self.forward(policy, rollout))
+        ref_logps = self.reference.token_logps(policy, rollout, options.temperature).cpu()
+        mask = rollout.completion_mask.float()
+        rewards = kl_penalised_rewards(scores, old_logps, ref_logps, mask, options.kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, options.gamma, options.lam)
+        if options.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        size = len(rollout.texts) // options.minibatches
+        order = [permutation[start: start + size].tolist() for _ in range(options.ppo_epochs)
+                 for permutation in [torch.randperm(len(rollout.texts))]
+                 for start in range(0, len(rollout.texts), size)]
+        kl = ((old_logps - ref_logps) * mask).sum(-1)  # (N,) per completion
+        metrics = {"score": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                   "kl": float(kl.mean()), "non_score_reward": float(-options.kl_coef * kl.mean()),
+                   "completion_length": float(mask.sum(-1).mean()),
+                   "sampling_tokens_per_s": rollout.tokens_per_second}
+        return RolloutBuffer(rollout, old_logps, old_values, advantages, returns, order, metrics)
+
+    def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.buffer is None or self.buffer.exhausted:
+            self.buffer = self.collect(policy, batch["rows"])
+        buffer = self.buffer
+        index = buffer.order[buffer.used]
+        buffer.used += 1
+        minibatch = buffer.rollout.select(index)
+        logps, values = self.forward(policy, minibatch)
+        device = logps.device
+        mask = minibatch.completion_mask.to(device).float()
+        policy_loss, policy_metrics = ppo_policy_loss(logps, buffer.old_logps[index].to(device),
+                                                      buffer.advantages[index].to(device), mask,
+                                                      self.options.clip_range)
+        value_loss, value_metrics = ppo_value_loss(values, buffer.old_values[index].to(device),
+                                                   buffer.returns[index].to(device), mask,
+                                                   self.options.value_clip_range)
+        self.trained_tokens = int(minibatch.attention_mask.sum())
+        metrics = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
+                   **policy_metrics, **value_metrics, **buffer.metrics}
+        return policy_loss + self.options.vf_coef * value_loss, metrics
+
+    def save_state(self, directory: Path) -> None:
+        """Write the value head and the rollout buffer (with its position) into a checkpoint folder."""
+        self.value_head.save(directory)
+        if self.buffer is not None:
+            torch.save(self.buffer.state(), Path(directory) / BUFFER_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        """Read back what :meth:`save_state` wrote."""
+        self.value_head.load(directory)
+        buffer_file = Path(directory) / BUFFER_FILE
+        self.buffer = RolloutBuffer.from_state(torch.load(buffer_file, weights_only=False)) \
+            if buffer_file.is_file() else None
+
+
+class PPOStage(Stage):
+    """RLHF with PPO: value head, KL penalty to the starting model, GAE, clipped losses."""
+
+    Options = PPOOptions
+    headline_metric = "reward"
+
+    def check(self) -> None:
+        check_data_spec(self.options.data, "data")
+        if self.options.eval_data is not None:
+            check_data_spec(self.options.eval_data, "eval_data")
+        RewardSource(self.options).check()
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
+        """Greedy ``exact_match`` on held-out rows with answers, and the mean ``reward`` of greedy completions."""
+        metrics = super().evaluate(model, tokenizer)
+        rows = self.eval_rows()
+        if rows:
+            metrics.update(RewardSource(self.options).held_out(model, tokenizer, rows, self.options.max_new_tokens))
+        return metrics
+
+    def run(self, context: StageContext) -> StageOutput:
+        model, tokenizer, options = context.model, context.tokenizer, self.options
+        value_head = ValueHead(hidden_size(model)).to(PartialState().device)
+        step = PPOStep(options, tokenizer, RewardSource(options), ReferenceModel(model), value_head)
+        task = TrainingTask(
+            rows=load_rows(options.data, "train"),
+            collate=lambda rows: {"rows": rows},
+            compute_loss=step,
+            evaluate=lambda policy: self.evaluate(policy, tokenizer),
+            count_tokens=lambda batch: step.trained_tokens,
+            extra_parameters=list(value_head.parameters()),
+            save_state=step.save_state,
+            load_state=step.load_state,
+        )
+        output = train(self.name, context, options, task)
+        if not output.interrupted and PartialState().is_main_process:
+            value_head.save(context.stage_dir)
+        return output
