@@ -13,9 +13,11 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.importorskip("gradio", reason="the app needs the 'app' extra: pip install 'polm[app]'")
@@ -23,6 +25,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from gradio_client import Client, handle_file
 
+from polm.apps.server import MAX_UPLOAD_BYTES
 from polm.engine.cli import _parser, main, plugins_report
 
 # SFT of polm-tiny on 16 arithmetic questions: a checkpoint every 2 steps, a loss record every step.
@@ -46,18 +49,12 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
-    """The app served in this process on 127.0.0.1 (closed after the module's tests)."""
+    """The app served in this process on 127.0.0.1, on the first free port from 7860 (closed after the module's tests)."""
     from polm.apps.server import launch
 
-    served = launch([], port=free_port(), block=False)
+    served = launch([], port=None, block=False)
     yield served
     served.close()
 
@@ -208,18 +205,54 @@ def test_stop_checkpoints_and_returns(client, tmp_path):
 def test_bad_recipe_is_a_readable_error_and_the_server_keeps_serving(client, tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(BAD_RECIPE)
-    with pytest.raises(Exception, match=r"bad\.yaml:4: unknown stage 'sfft'. Did you mean 'sft'"):
-        client.predict("quickstart.yaml", handle_file(str(recipe)), str(tmp_path / "run"), "",
-                       api_name="/start_training")
+    status = client.predict("quickstart.yaml", handle_file(str(recipe)), str(tmp_path / "run"), "",
+                            api_name="/start_training")[0]
+    assert status.startswith("could not start: bad.yaml:4: unknown stage 'sfft'. Did you mean 'sft'?"), status
     assert not (tmp_path / "run").exists()
     assert reply(chat(client, "What is 3 + 3?")[0]).strip()
 
 
+def test_invalid_yaml_is_reported_with_its_line(client, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: polm-tiny\nstages:\n  - name: sft\n     data: x\n")
+    status = client.predict("quickstart.yaml", handle_file(str(broken)), "", "", api_name="/start_training")[0]
+    assert status.startswith("could not start: broken.yaml:4: invalid YAML"), status
+
+
+def test_uploads_are_limited_in_type_and_size(app, client, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a recipe")
+    with pytest.raises(Exception, match=r"Invalid file type.*\.yaml"):
+        client.predict("quickstart.yaml", handle_file(str(notes)), "", "", api_name="/start_training")
+    # The server refuses an oversized upload itself (gradio_client would refuse it before sending).
+    response = httpx.post(f"{app.local_url}gradio_api/upload",
+                          files={"files": ("huge.yaml", b"#" * (MAX_UPLOAD_BYTES + 1))}, timeout=60)
+    assert response.status_code == 413 and "maximum allowed size" in response.text, response.text
+
+
 def test_app_command_without_gradio_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
-    assert main(["app", "--port", str(free_port())]) == 2
+    assert main(["app"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "pip install 'polm[app]'" in error
+
+
+def test_polm_app_command_serves_the_page_on_loopback(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "polm.engine.cli", "app", "--port", str(port)],
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    watchdog = threading.Timer(90, server.kill)  # a server that never comes up ends the wait below
+    watchdog.start()
+    try:
+        first_line = server.stderr.readline()
+        assert first_line.startswith(f"polm app: serving at http://127.0.0.1:{port}/"), first_line
+        assert httpx.get(f"http://127.0.0.1:{port}/config", timeout=10).json()["title"] == "polm"
+    finally:
+        watchdog.cancel()
+        server.terminate()
+        server.communicate(timeout=30)
 
 
 def test_polm_and_its_cli_do_not_import_gradio():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from polm.engine.data import Row
 from polm.engine.encoding import encode_prompt
@@ -104,12 +105,11 @@ def stream_reply(model: torch.nn.Module, tokenizer: Any, messages: list[Row],
         yield generate(model, tokenizer, [messages], max_new_tokens=settings.max_new_tokens,
                        temperature=settings.temperature, top_p=settings.top_p)[0]
         return
-    from transformers import TextIteratorStreamer
-
     device = next(model.parameters()).device
     input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=device)  # (1, P)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stops = stop_token_ids(model, tokenizer)
+    cancelled = threading.Event()
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -117,7 +117,8 @@ def stream_reply(model: torch.nn.Module, tokenizer: Any, messages: list[Row],
             with torch.no_grad():
                 model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                max_new_tokens=settings.max_new_tokens, eos_token_id=stops,
-                               pad_token_id=tokenizer.pad_token_id, streamer=streamer, **settings.sampling())
+                               pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_WhenSet(cancelled)]), **settings.sampling())
         except Exception as error:  # re-raised below, in the caller's thread
             failures.append(error)
             streamer.end()
@@ -125,13 +126,28 @@ def stream_reply(model: torch.nn.Module, tokenizer: Any, messages: list[Row],
     thread = threading.Thread(target=run, name="polm-app-generate", daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        # Also when the page goes away mid-reply (the generator is closed): stop sampling at the next token,
+        # so that no generation outlives its chat (or the server).
+        cancelled.set()
+        thread.join()
     if failures:
         raise failures[0]
     yield text
+
+
+class _WhenSet(StoppingCriteria):
+    """A stopping criterion for ``model.generate``: stop every row once ``event`` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 _FINISHED = object()
@@ -140,15 +156,21 @@ _FINISHED = object()
 def stream_together(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
     """Run several reply streams at once; yield every stream's latest text whenever one grows.
 
+    Closing this generator (or an error in one stream) closes every stream at its next item.
+
     Raises:
-        Exception: the first error any stream raised (the others are left to finish on their own).
+        Exception: the first error any stream raised.
     """
     texts = [""] * len(streams)
     updates: queue.Queue[tuple[int, Any]] = queue.Queue()
+    abandoned = threading.Event()
 
     def drain(index: int, stream: Iterator[str]) -> None:
         try:
             for text in stream:
+                if abandoned.is_set():
+                    stream.close()
+                    break
                 updates.put((index, text))
         except Exception as error:
             updates.put((index, error))
@@ -157,12 +179,15 @@ def stream_together(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
     for index, stream in enumerate(streams):
         threading.Thread(target=drain, args=(index, stream), name=f"polm-app-stream-{index}", daemon=True).start()
     running = len(streams)
-    while running:
-        index, item = updates.get()
-        if item is _FINISHED:
-            running -= 1
-        elif isinstance(item, Exception):
-            raise item
-        else:
-            texts[index] = item
-            yield list(texts)
+    try:
+        while running:
+            index, item = updates.get()
+            if item is _FINISHED:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                texts[index] = item
+                yield list(texts)
+    finally:
+        abandoned.set()

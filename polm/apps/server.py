@@ -11,8 +11,8 @@ from typing import Any
 
 from polm.engine.errors import PolmError
 
-#: The largest file a page may upload (images, audio clips, recipes).
-MAX_UPLOAD = "20mb"
+#: The largest file a page may upload (images, audio clips, recipes), in bytes.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 SYSTEM_MONO_FONTS = ["ui-monospace", "monospace"]
 
@@ -31,7 +31,7 @@ def import_gradio() -> Any:
     return gradio
 
 
-def launch(checkpoint_folders: Sequence[str | Path] = (), host: str = "127.0.0.1", port: int = 7860,
+def launch(checkpoint_folders: Sequence[str | Path] = (), host: str = "127.0.0.1", port: int | None = 7860,
            block: bool = True) -> Any:
     """Build and serve the app.
 
@@ -39,7 +39,7 @@ def launch(checkpoint_folders: Sequence[str | Path] = (), host: str = "127.0.0.1
         checkpoint_folders: run or checkpoint folders whose models the Chat tab offers.
         host: the address to bind; anything but a loopback address exposes the app (which can
             start training and read local model folders) to the network, so a warning is printed.
-        port: the port to bind.
+        port: the port to bind; None takes the first free one from 7860.
         block: serve until interrupted; with False return the running app (tests close it with ``app.close()``).
 
     Returns:
@@ -59,11 +59,14 @@ def launch(checkpoint_folders: Sequence[str | Path] = (), host: str = "127.0.0.1
     try:
         app.queue().launch(
             server_name=host, server_port=port, share=False, ssr_mode=False, run_history=False,
-            enable_monitoring=False, mcp_server=False, max_file_size=MAX_UPLOAD, show_error=True,
-            theme=theme, footer_links=["api", "settings"], prevent_thread_lock=not block, quiet=not block,
+            enable_monitoring=False, mcp_server=False, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
+            theme=theme, footer_links=["api", "settings"], prevent_thread_lock=True, quiet=True,
         )
     except OSError as error:
         raise PolmError(f"cannot serve on {host}:{port}: {error}; choose another --port") from None
+    if block:
+        print(f"polm app: serving at {app.local_url} (Ctrl-C to stop)", file=sys.stderr)
+        app.block_thread()
     return app
 
 

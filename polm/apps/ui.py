@@ -41,7 +41,7 @@ def shown_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a handler's PolmError into a gr.Error, which the page shows as a message (generators too)."""
 
     def as_gradio_error(error: PolmError) -> gr.Error:
-        return gr.Error(html.escape(str(error), quote=False), title="polm", print_exception=False)  # rendered as HTML
+        return gr.Error(html.escape(str(error), quote=False), print_exception=False)  # the toast renders HTML
 
     if inspect.isgeneratorfunction(function):
         @functools.wraps(function)
@@ -101,11 +101,11 @@ def _chat_tab(tab: gr.Tab, app: gr.Blocks, models: ModelCache, model_choices: Ca
         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
         max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
     with gr.Row():
-        chat_a = gr.Chatbot(label="Model A", elem_id="chat-a", height=360)
-        chat_b = gr.Chatbot(label="Model B", elem_id="chat-b", height=360)
+        chat_a = gr.Chatbot(label="Model A", elem_id="chat-a", height=360, feedback_options=None, buttons=["copy_all"])
+        chat_b = gr.Chatbot(label="Model B", elem_id="chat-b", height=360, feedback_options=None, buttons=["copy_all"])
     conversations = gr.State([[], []])
     message = gr.MultimodalTextbox(
-        label="Message", elem_id="chat-input", sources=["upload", "microphone"], file_count="multiple",
+        label="Message", elem_id="chat-input", sources=["upload", "microphone"], file_count="multiple", stop_btn=True,
         file_types=[*IMAGE_SUFFIXES, *AUDIO_SUFFIXES],
         placeholder="Ask something; attach an image or audio for a model with those encoders "
                     "(a text-only model says so)",
@@ -128,8 +128,9 @@ def _chat_tab(tab: gr.Tab, app: gr.Blocks, models: ModelCache, model_choices: Ca
                 shown[side] = asked[side] + [{"role": "assistant", "content": text}]
             yield shown[0], shown[1], shown, None
 
-    message.submit(chat, [message, model_a, model_b, temperature, top_p, max_tokens, conversations],
-                   [chat_a, chat_b, conversations, message], api_name="chat")
+    asked = message.submit(chat, [message, model_a, model_b, temperature, top_p, max_tokens, conversations],
+                           [chat_a, chat_b, conversations, message], api_name="chat")
+    message.stop(None, None, None, cancels=[asked], api_visibility="private")
     clear.click(lambda: ([], [], [[], []]), None, [chat_a, chat_b, conversations], api_visibility="private")
 
     def refreshed_models() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,16 +219,17 @@ def _train_tab(app: gr.Blocks, runs: TrainingRuns) -> None:
         losses, rewards = _plot_frames(list(run.records))
         return run.status(), losses, rewards, gr.Timer(active=run.active)
 
-    @shown_errors
     def started(recipe_name: str, uploaded: str | None, output: str, overrides: str):
-        if uploaded:
-            path = Path(uploaded)
-        elif recipe_name in recipes:
-            path = recipes[recipe_name]
-        else:
-            raise PolmError("choose a bundled recipe or upload a YAML recipe")
+        """Start a run; a recipe that does not load is reported in the run box (with the uploaded file's name)."""
+        path = Path(uploaded) if uploaded else recipes.get(recipe_name)
         lines = [line.strip() for line in (overrides or "").splitlines() if line.strip()]
-        return shown(runs.start(path, output or "", lines))
+        try:
+            if path is None:
+                raise PolmError("choose a bundled recipe or upload a YAML recipe")
+            return shown(runs.start(path, output or "", lines))
+        except PolmError as error:
+            message = str(error).replace(str(path), path.name) if uploaded else str(error)
+            return f"could not start: {message}", gr.skip(), gr.skip(), gr.skip()
 
     outputs = [status, loss_plot, reward_plot, timer]
     start.click(started, [bundled, upload, output, overrides], outputs, api_name="start_training")
