@@ -51,7 +51,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 @pytest.fixture(scope="module")
 def app():
-    """The app served in this process on 127.0.0.1, on the first free port from 7860 (closed after the module's tests)."""
+    """The app served in this process on 127.0.0.1, on the first free port from 7860; closed afterwards."""
     from polm.apps.server import launch
 
     served = launch([], port=None, block=False)
@@ -124,6 +124,29 @@ def test_media_for_a_text_only_model_is_refused_readably(client, tmp_path):
     with pytest.raises(Exception, match=r"image content.*text-only model.*cannot read"):
         chat(client, "What is in this picture?", files=(handle_file(str(image)),))
     assert reply(chat(client, "What is 1 + 1?")[0]).strip()
+
+
+def test_closing_a_reply_stream_stops_generation():
+    """A page that goes away mid-reply closes the stream; sampling must stop rather than run to max tokens."""
+    from polm.apps.chat import GenerationSettings, stream_reply, stream_together
+    from polm.engine.models import load_model
+
+    model, tokenizer = load_model("polm-tiny")
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    together = stream_together([stream_reply(model.eval(), tokenizer, chat, GenerationSettings(max_new_tokens=2000))
+                                for _ in range(2)])
+    next(together)
+    together.close()
+    deadline = time.monotonic() + 10  # running to max tokens takes over 40 s on one CPU thread
+    while time.monotonic() < deadline and generating():
+        time.sleep(0.05)
+    assert not generating(), "generation threads outlived their closed stream"
+
+
+def generating() -> list[str]:
+    """The app's reply threads still alive."""
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(("polm-app-generate",
+                                                                                       "polm-app-stream"))]
 
 
 def test_unknown_model_is_a_message(client):

@@ -101,12 +101,13 @@ def _chat_tab(tab: gr.Tab, app: gr.Blocks, models: ModelCache, model_choices: Ca
         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
         max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
     with gr.Row():
-        chat_a = gr.Chatbot(label="Model A", elem_id="chat-a", height=360, feedback_options=None, buttons=["copy_all"])
-        chat_b = gr.Chatbot(label="Model B", elem_id="chat-b", height=360, feedback_options=None, buttons=["copy_all"])
+        panes = {"height": 360, "feedback_options": None, "buttons": ["copy_all"]}
+        chat_a = gr.Chatbot(label="Model A", elem_id="chat-a", **panes)
+        chat_b = gr.Chatbot(label="Model B", elem_id="chat-b", **panes)
     conversations = gr.State([[], []])
     message = gr.MultimodalTextbox(
-        label="Message", elem_id="chat-input", sources=["upload", "microphone"], file_count="multiple", stop_btn=True,
-        file_types=[*IMAGE_SUFFIXES, *AUDIO_SUFFIXES],
+        label="Message", elem_id="chat-input", sources=["upload", "microphone"], file_count="multiple",
+        file_types=[*IMAGE_SUFFIXES, *AUDIO_SUFFIXES], stop_btn=True,
         placeholder="Ask something; attach an image or audio for a model with those encoders "
                     "(a text-only model says so)",
     )
@@ -128,9 +129,9 @@ def _chat_tab(tab: gr.Tab, app: gr.Blocks, models: ModelCache, model_choices: Ca
                 shown[side] = asked[side] + [{"role": "assistant", "content": text}]
             yield shown[0], shown[1], shown, None
 
-    asked = message.submit(chat, [message, model_a, model_b, temperature, top_p, max_tokens, conversations],
-                           [chat_a, chat_b, conversations, message], api_name="chat")
-    message.stop(None, None, None, cancels=[asked], api_visibility="private")
+    submitted = message.submit(chat, [message, model_a, model_b, temperature, top_p, max_tokens, conversations],
+                               [chat_a, chat_b, conversations, message], api_name="chat")
+    message.stop(None, None, None, cancels=[submitted], api_visibility="private")
     clear.click(lambda: ([], [], [[], []]), None, [chat_a, chat_b, conversations], api_visibility="private")
 
     def refreshed_models() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -157,7 +158,7 @@ def _rewards_tab(app: gr.Blocks) -> None:
                              lines=3)
             options = gr.Code(label="Reward options (JSON, optional)", language="json", value="", lines=2)
     score = gr.Button("Score", variant="primary")
-    table = gr.Dataframe(label="Per-reward values", interactive=False)
+    table = gr.Dataframe(headers=["completion"], label="Per-reward values", interactive=False)
     catalogue = gr.Dataframe(headers=["reward", "plugin", "description"], label="Registered rewards",
                              interactive=False)
 
