@@ -4,12 +4,22 @@ Prompts go through the tokenizer's chat template when it has one, so that
 training and evaluation see the same text the model will be asked with.
 Labels are ``-100`` wherever no loss is taken: the prompt, the user and
 system turns of a chat, and padding.
+
+Media parts (``{"type": "image" | "audio", "path": ...}``) become one
+placeholder id each (a negative id, which no vocabulary has, as in LLaVA)
+and travel beside the ids as :attr:`Encoded.media`, then as the batch's
+``media`` (:class:`MediaBatch`). The token stream does not depend on the
+model: a multimodal model expands each placeholder into its encoder's tokens
+and returns logits aligned with the ids it was given, so loss masks,
+packing offsets and log-prob gathers stay token for token what they are for
+text.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,14 +28,60 @@ from polm.engine.data import Row, row_format
 from polm.engine.errors import PolmError
 
 IGNORE_INDEX = -100
+#: The placeholder id of each media part in ``input_ids``; LLaVA's convention of ids below any vocabulary.
+MEDIA_TOKEN_IDS = {"image": -200, "audio": -201}
+_MEDIA_MARKERS = {f"<|{kind}|>": token_id for kind, token_id in MEDIA_TOKEN_IDS.items()}
+_MARKER_PATTERN = re.compile("(" + "|".join(re.escape(marker) for marker in _MEDIA_MARKERS) + ")")
 
 
 @dataclass
 class Encoded:
-    """One training example: ``input_ids`` and ``labels`` of equal length."""
+    """One training example: ``input_ids`` and ``labels`` of equal length.
+
+    ``media`` holds the media parts (``{"type", "path"}``) of the placeholder
+    ids in ``input_ids``, in order; empty for text.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    media: list[Row] = field(default_factory=list)
+
+
+class MediaBatch(list):
+    """The media parts of each row of a batch (a list of lists, ``[]`` for text rows).
+
+    Media are read by the model that encodes them, so moving a batch to a
+    device leaves them as they are: ``to`` returns the batch itself, and code
+    written as ``{k: v.to(device) for k, v in batch.items()}`` keeps working.
+    """
+
+    def to(self, *args: Any, **kwargs: Any) -> MediaBatch:
+        return self
+
+
+def media_parts(messages: str | list[Row]) -> list[Row]:
+    """The image and audio parts of a prompt or chat, in the order they are rendered."""
+    if isinstance(messages, str):
+        return []
+    return [part for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] in MEDIA_TOKEN_IDS]
+
+
+def media_inputs(model: torch.nn.Module, media: Sequence[list[Row]] | None) -> dict[str, Any]:
+    """The ``media=`` argument of a model call: nothing for text, so text-only models are called as before.
+
+    Raises:
+        PolmError: the rows hold media and ``model`` cannot read them.
+    """
+    if not media or not any(media):
+        return {}
+    if not getattr(getattr(model, "module", model), "reads_media", False):
+        kinds = sorted({part["type"] for parts in media for part in parts})
+        raise PolmError(
+            f"the rows hold {', '.join(kinds)} content, which the text-only model {type(model).__name__} cannot "
+            "read; start from a multimodal model (an 'align' stage with encoders, or a saved multimodal folder)"
+        )
+    return {"media": media if isinstance(media, MediaBatch) else MediaBatch(media)}
 
 
 def as_messages(prompt: str | list[Row]) -> list[Row]:
@@ -33,32 +89,50 @@ def as_messages(prompt: str | list[Row]) -> list[Row]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def _text_only(messages: list[Row]) -> list[Row]:
-    for message in messages:
-        if isinstance(message["content"], list):
-            kinds = sorted({part["type"] for part in message["content"]} - {"text"})
-            if kinds:
-                raise PolmError(
-                    f"a message holds {', '.join(kinds)} content, which a text-only model cannot read; "
-                    "use a multimodal model with encoders for those modalities"
-                )
+def _with_markers(messages: list[Row]) -> list[Row]:
+    """Messages with string content: text parts joined, each media part written as its marker."""
     return [
-        {**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+        {**m, "content": "".join(p["text"] if p["type"] == "text" else f"<|{p['type']}|>" for p in m["content"])}
+        if isinstance(m["content"], list) else m
         for m in messages
     ]
 
 
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text``; each media marker becomes its placeholder id."""
+    ids: list[int] = []
+    for piece in _MARKER_PATTERN.split(text):
+        if piece in _MEDIA_MARKERS:
+            ids.append(_MEDIA_MARKERS[piece])
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def render_chat(tokenizer: Any, messages: list[Row], add_generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+    """Token ids of ``messages`` rendered with the tokenizer's chat template, one placeholder per media part."""
     if not getattr(tokenizer, "chat_template", None):
         raise PolmError(
             f"tokenizer '{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}' has no chat template, "
             "so chat rows cannot be rendered; set tokenizer.chat_template or use {prompt, completion} rows"
         )
     text = tokenizer.apply_chat_template(
-        _text_only(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        _with_markers(messages), tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _tokenize(tokenizer, text)
+
+
+def _with_media(input_ids: list[int], labels: list[int], parts: list[Row]) -> Encoded:
+    """An example whose placeholders carry no label, checked against its media parts."""
+    placeholders = sum(token_id in _MEDIA_MARKERS.values() for token_id in input_ids)
+    if placeholders != len(parts):
+        markers = ", ".join(_MEDIA_MARKERS)
+        raise PolmError(
+            f"a row renders {placeholders} media placeholders for {len(parts)} media parts; its text must not "
+            f"contain the markers {markers} (polm writes them for image and audio parts)"
+        )
+    labels = [IGNORE_INDEX if token_id < 0 else label for token_id, label in zip(input_ids, labels)]
+    return Encoded(input_ids, labels, parts)
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[Row]) -> list[int]:
@@ -80,16 +154,19 @@ def encode_completion(tokenizer: Any, prompt: str | list[Row], completion: str) 
         completion_ids = full_ids[len(prompt_ids):]
     else:
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Encoded(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
+    return _with_media(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+                       media_parts(prompt))
 
 
 def encode_chat(tokenizer: Any, messages: list[Row]) -> Encoded:
     """A multi-turn chat with the loss on the assistant turns only."""
     input_ids: list[int] = []
     labels: list[int] = []
+    last = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        last = index
         before = render_chat(tokenizer, messages[:index], add_generation_prompt=True) if index else []
         through = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
         _check_prefix(input_ids, before, tokenizer)
@@ -98,7 +175,7 @@ def encode_chat(tokenizer: Any, messages: list[Row]) -> Encoded:
         input_ids = through
     if not input_ids:
         raise PolmError("a chat row has no assistant message to learn from")
-    return Encoded(input_ids, labels)
+    return _with_media(input_ids, labels, media_parts(messages[: last + 1]))
 
 
 def _check_prefix(prefix: list[int], full: list[int], tokenizer: Any) -> None:
@@ -131,15 +208,17 @@ def truncate(example: Encoded, max_length: int) -> Encoded | None:
     labels = example.labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Encoded(example.input_ids[:max_length], labels)
+    input_ids = example.input_ids[:max_length]
+    return Encoded(input_ids, labels, example.media[: sum(token_id < 0 for token_id in input_ids)])
 
 
-def pad_batch(examples: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(examples: Sequence[Encoded], pad_token_id: int) -> dict[str, Any]:
     """Right-pad to the longest example.
 
     Returns:
         ``input_ids`` (B, T), ``attention_mask`` (B, T) and ``labels`` (B, T)
-        with ``-100`` on padding.
+        with ``-100`` on padding; ``media`` (a :class:`MediaBatch` of B lists)
+        when an example has media.
     """
     length = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -150,4 +229,7 @@ def pad_batch(examples: Sequence[Encoded], pad_token_id: int) -> dict[str, torch
         input_ids[i, :n] = torch.tensor(example.input_ids)
         labels[i, :n] = torch.tensor(example.labels)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(example.media for example in examples):
+        batch["media"] = MediaBatch(example.media for example in examples)
+    return batch

@@ -19,7 +19,8 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     Args:
         spec: a name registered through ``polm_register_models`` (``"polm-tiny"``),
             a local folder or Hugging Face hub id (``from_pretrained``; peft
-            adapter folders load with their base), or a model object.
+            adapter folders load with their base; a saved multimodal model
+            loads with its encoders and connectors), or a model object.
         tokenizer: required with a model object, optional otherwise.
 
     Raises:
@@ -42,6 +43,11 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     path = Path(spec)
     if path.is_dir() and (path / "final").is_dir():
         path = path / "final"  # a stage folder of a run
+    from polm.modalities.multimodal.build import is_multimodal_folder, load_multimodal
+
+    if is_multimodal_folder(path):  # a language model joined to encoders, saved as one folder
+        with no_transformers_progress():
+            return load_multimodal(path, tokenizer)
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise PolmError(
             f"model '{spec}' is neither a folder nor a registered model.{did_you_mean(spec, models)} "

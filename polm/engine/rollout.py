@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 from polm.engine.data import Row
-from polm.engine.encoding import encode_prompt
+from polm.engine.encoding import MediaBatch, encode_prompt, media_inputs, media_parts
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Rollout:
         completion_mask: (N, C) 1 on sampled tokens up to and including the one that ended the sample.
         texts: the N completions decoded without special tokens, cut after the first stop string.
         seconds: wall time spent sampling.
+        media: the media parts of each row's prompt, for the prompt's placeholder ids; None for text prompts.
     """
 
     prompt_ids: torch.Tensor
@@ -40,6 +41,7 @@ class Rollout:
     completion_mask: torch.Tensor
     texts: list[str]
     seconds: float
+    media: MediaBatch | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -64,8 +66,9 @@ class Rollout:
     def select(self, indices: Sequence[int] | torch.Tensor) -> Rollout:
         """The rows at ``indices`` (for minibatches and for dropping groups)."""
         index = torch.as_tensor(indices, dtype=torch.long)
+        media = None if self.media is None else MediaBatch(self.media[i] for i in index.tolist())
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                       self.completion_mask[index], [self.texts[i] for i in index.tolist()], self.seconds)
+                       self.completion_mask[index], [self.texts[i] for i in index.tolist()], self.seconds, media)
 
 
 def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +150,7 @@ def sample(
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts for _ in range(num_samples)]
+    media = MediaBatch(media_parts(prompt) for prompt in prompts for _ in range(num_samples))
     sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                                 if temperature > 0 else {"do_sample": False})
     if stop_strings:
@@ -159,7 +163,7 @@ def sample(
             input_ids, attention_mask = _left_pad(encoded[start: start + batch_size], pad_id)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                                    **sampling)
+                                    **media_inputs(model, media[start: start + batch_size]), **sampling)
             generated += [_cut(row.tolist(), stops, pad_id) for row in output[:, input_ids.shape[1]:].cpu()]
             progress.advance(task, len(input_ids))
     seconds = time.perf_counter() - started
@@ -167,7 +171,8 @@ def sample(
     prompt_ids, prompt_mask = _left_pad(encoded, pad_id)
     completion_ids, completion_mask = _right_pad(generated, pad_id)
     texts = [_cut_text(tokenizer.decode(ids, skip_special_tokens=True), stop_strings) for ids in generated]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, seconds)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, seconds,
+                   media if any(media) else None)
 
 
 def completion_token_logps(
@@ -190,7 +195,7 @@ def completion_token_logps(
     attention_mask = rollout.attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits  # (N, P + C, V)
+                   use_cache=False, **media_inputs(model, rollout.media)).logits  # (N, P + C, V)
     width = rollout.completion_ids.shape[1]
     logits = logits[:, -width - 1: -1].float() / temperature  # (N, C, V): position t predicts token t + 1
     targets = rollout.completion_ids.to(device)  # (N, C)

@@ -1,7 +1,9 @@
-"""Modalities: text (the embedded default model and tasks), with vision and audio to come.
+"""Modalities: text (the embedded default model and tasks), vision and audio.
 
-This package is a built-in plugin: it registers the ``polm-tiny`` model and
-the bundled datasets ``polm:arithmetic`` and ``polm:arithmetic-prefs``.
+This package is a built-in plugin: it registers the ``polm-tiny`` model, the
+encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
+datasets ``polm:arithmetic``, ``polm:arithmetic-prefs``, ``polm:shapes`` and
+``polm:tones``.
 """
 
 from __future__ import annotations
@@ -20,15 +22,48 @@ def polm_register_models(register: Register) -> None:
 
 
 @hookimpl
+def polm_register_encoders(register: Register) -> None:
+    from polm.modalities.audio.whisper_encoder import whisper_encoder
+    from polm.modalities.vision.open_clip_encoder import open_clip_encoder
+
+    register("open_clip", open_clip_encoder,
+             description="image: open_clip:<architecture> (pretrained tag or file option; polm-tiny-vit for tests)")
+    register("whisper", whisper_encoder,
+             description="audio: whisper:<size> or whisper:<checkpoint.pt> (polm-tiny for tests), 16 kHz log-mel")
+
+
+@hookimpl
 def polm_register_datasets(register: Register) -> None:
+    from polm.modalities.audio.tones import tones_caption_rows, tones_rows
     from polm.modalities.text.tasks.arithmetic import arithmetic_preference_rows, arithmetic_rows
+    from polm.modalities.vision.shapes import shapes_caption_rows, shapes_rows
 
     register(
         "arithmetic",
         BundledDataset(partial(arithmetic_rows), description="arithmetic questions with exact answers, levels 1-4"),
     )
+    register("shapes", BundledDataset(shapes_rows, description=(
+        "images of coloured shapes (PIL) with questions on colour, shape, count and position")))
+    register("shapes-captions", BundledDataset(shapes_caption_rows, description=(
+        "one-line captions of shape images, for an align stage")))
+    register("tones", BundledDataset(tones_rows, description=(
+        "WAV clips of beeps (numpy) with questions on their number and whether the pitch rises or falls")))
+    register("tones-captions", BundledDataset(tones_caption_rows, description=(
+        "one-line captions of beep clips, for an align stage")))
     register(
         "arithmetic-prefs",
         BundledDataset(partial(arithmetic_preference_rows),
                        description="preference pairs: the correct answer over a plausible wrong one"),
+    )
+    from polm.modalities.text.tasks.arithmetic_chains import arithmetic_step_rows, arithmetic_think_rows
+
+    register(
+        "arithmetic-think",
+        BundledDataset(partial(arithmetic_think_rows),
+                       description="multi-step questions with <think> steps </think><answer> solutions"),
+    )
+    register(
+        "arithmetic-steps",
+        BundledDataset(partial(arithmetic_step_rows),
+                       description="step-labelled multi-step solutions, half with a wrong step (for a PRM)"),
     )

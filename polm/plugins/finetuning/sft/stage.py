@@ -10,7 +10,7 @@ from rich.console import Console
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from polm.engine.data import check_data_spec, load_rows
-from polm.engine.encoding import Encoded, encode_row, pad_batch, truncate
+from polm.engine.encoding import Encoded, encode_row, media_inputs, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -51,7 +51,8 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **media_inputs(model, batch.get("media"))).logits
     return completion_loss(logits, batch["labels"])
 
 
@@ -59,6 +60,12 @@ class SFTStage(Stage):
     """Supervised fine-tuning: cross-entropy on completion / assistant tokens, prompts masked."""
 
     Options = SFTOptions
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The tuning method applied to the model; a multimodal model applies it to its language model
+        and keeps its connectors trainable (LLaVA stage 2)."""
+        tune = getattr(model, "tune_language_model", None)
+        return tune(super().prepare) if tune is not None else super().prepare(model)
 
     def check(self) -> None:
         check_data_spec(self.options.data, "data")
@@ -86,6 +93,9 @@ class SFTStage(Stage):
         """Rows, collation and loss for the chosen layout (padded, packed or padding-free)."""
         examples = self.encode(tokenizer)
         pad_id = tokenizer.pad_token_id
+        if (self.options.packing or self.options.padding_free) and any(example.media for example in examples):
+            raise PolmError(f"sft: rows of {self.options.data} hold images or audio, which packed rows do not "
+                            "carry; set packing and padding_free to false")
         if self.options.packing:
             rows: list[Any] = pack(examples, self.options.max_length)
             collate = lambda items: collate_packed(items, pad_id)  # noqa: E731

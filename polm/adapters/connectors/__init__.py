@@ -1,0 +1,1 @@
+"""Connectors: the modules that carry encoder features into a language model."""

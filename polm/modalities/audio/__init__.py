@@ -1,0 +1,1 @@
+"""Audio: WAV reading without ffmpeg, Whisper encoders, and the bundled ``polm:tones`` task."""

@@ -1,0 +1,88 @@
+"""Audio encoders from openai-whisper: ``whisper:<size>`` (or a local checkpoint), its log-mel front end and encoder.
+
+Audio is read as 16 kHz mono (:func:`polm.modalities.audio.wav.load_audio`),
+padded or cut to the encoder's window (30 s for the released models), turned
+into Whisper's log-mel spectrogram and encoded; every 20 ms of audio is one
+token. ``whisper:polm-tiny`` is a two-layer encoder over 2 s windows (100
+tokens), randomly initialised, for tests and the quickstart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from polm.engine.errors import PolmError
+from polm.modalities.audio.wav import load_audio
+from polm.modalities.multimodal.encoder import Encoder, parse_options
+
+TINY_NAME = "polm-tiny"
+
+
+def tiny_dimensions() -> object:
+    """The ``ModelDimensions`` of ``whisper:polm-tiny``: 80 mels, 100 audio tokens (2 s), width 64, 2 layers."""
+    from whisper.model import ModelDimensions
+
+    return ModelDimensions(n_mels=80, n_audio_ctx=100, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
+                           n_vocab=64, n_text_ctx=8, n_text_state=64, n_text_head=4, n_text_layer=1)
+
+
+@dataclass
+class WhisperOptions:
+    """Options of ``whisper`` encoders."""
+
+    freeze: bool = field(default=True, metadata={"help": "keep the encoder's weights as they are"})
+    download_root: str | None = field(default=None, metadata={
+        "help": "where released checkpoints are looked for and downloaded (default ~/.cache/whisper)"})
+    cache_size: int = field(default=4096, metadata={"help": "features of this many clips kept while frozen (0: off)"})
+
+    def __post_init__(self) -> None:
+        if self.cache_size < 0:
+            raise ValueError(f"'cache_size' must not be negative, got {self.cache_size}")
+
+
+class WhisperEncoder(Encoder):
+    """Whisper's audio encoder; its tokens are the encoder's output frames (one per 20 ms)."""
+
+    modality = "audio"
+
+    def __init__(self, name: str, options: WhisperOptions) -> None:
+        import whisper
+        from whisper.audio import N_SAMPLES_PER_TOKEN
+
+        if name == TINY_NAME:
+            model = whisper.model.Whisper(tiny_dimensions())
+        elif name in whisper.available_models() or Path(name).is_file():
+            try:
+                model = whisper.load_model(name, device="cpu", download_root=options.download_root)
+            except Exception as error:  # urllib, checksum and unpickling errors alike: report them in one line
+                raise PolmError(f"whisper:{name}: cannot load the checkpoint: {str(error).splitlines()[0]}; "
+                                "pass the path of a downloaded checkpoint (.pt) instead") from None
+        else:
+            raise PolmError(f"whisper has no model '{name}' and no such file; available: "
+                            f"{', '.join([TINY_NAME, *whisper.available_models()])}")
+        dims = model.dims
+        super().__init__(f"whisper:{name}", options, width=dims.n_audio_state, num_tokens=dims.n_audio_ctx,
+                         freeze=options.freeze, rebuilds_weights=name != TINY_NAME, cache_size=options.cache_size)
+        self.n_mels = dims.n_mels
+        self.samples = dims.n_audio_ctx * N_SAMPLES_PER_TOKEN
+        self.encoder = model.encoder  # the text decoder is dropped
+        self.requires_grad_(not options.freeze)
+
+    def load(self, path: str) -> torch.Tensor:
+        """(n_mels, 2 * num_tokens) log-mel spectrogram of the clip at ``path``, padded or cut to the window."""
+        from whisper.audio import log_mel_spectrogram, pad_or_trim
+
+        audio = pad_or_trim(torch.from_numpy(load_audio(path)), self.samples)
+        return log_mel_spectrogram(audio, self.n_mels)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, n_mels, 2 * num_tokens) -> (N, num_tokens, width)."""
+        return self.encoder(inputs)
+
+
+def whisper_encoder(name: str, **options: object) -> WhisperEncoder:
+    """The factory registered as ``whisper``: ``build_encoder("whisper:base")`` or ``"whisper:/path/model.pt"``."""
+    return WhisperEncoder(name, parse_options("encoder 'whisper'", WhisperOptions, options))

@@ -1,0 +1,1 @@
+"""Vision: image encoders from open_clip, and the bundled ``polm:shapes`` task."""
