@@ -1,11 +1,23 @@
-"""The reasoning paradigm: rewards on verifiable answers (GRPO and inference-time scaling to come)."""
+"""The reasoning paradigm: rewards on answers, form and steps; the ``grpo`` and ``prm`` stages."""
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
-from polm.plugins.reasoning.rewards import accuracy_reward
+from polm.plugins.reasoning.grpo import GRPOStage
+from polm.plugins.reasoning.prm import PRMStage, prm_reward
+from polm.plugins.reasoning.rewards import accuracy_reward, format_reward, length_reward, repetition_reward
+
+
+@hookimpl
+def polm_register_stages(register: Register) -> None:
+    register("grpo", GRPOStage, description="group relative policy optimisation (grpo, dr_grpo, dapo; rloo advantages)")
+    register("prm", PRMStage, description="process reward model: a right/wrong score per solution step")
 
 
 @hookimpl
 def polm_register_rewards(register: Register) -> None:
     register("accuracy", accuracy_reward, description="1.0 when the extracted final answer equals 'answer'")
+    register("format", format_reward, description="1.0 when the completion matches 'pattern' (default <think>/<answer>)")
+    register("length", length_reward, description="length penalty in [-1, 0]: shorter, or closer to 'target' chars")
+    register("repetition", repetition_reward, description="n-gram repetition penalty in [-1, 0]")
+    register("prm", prm_reward, description="a process reward model's min (or prod) step score; option checkpoint")

@@ -1,0 +1,9 @@
+"""Process reward models: the ``prm`` stage, the ``prm`` reward, and per-step scoring."""
+
+from polm.plugins.reasoning.prm.model import load_process_reward_model, process_reward_model, step_scores
+from polm.plugins.reasoning.prm.reward import prm_reward
+from polm.plugins.reasoning.prm.stage import PRMOptions, PRMStage
+from polm.plugins.reasoning.prm.steps import encode_steps, split_steps
+
+__all__ = ["PRMOptions", "PRMStage", "encode_steps", "load_process_reward_model", "process_reward_model",
+           "prm_reward", "split_steps", "step_scores"]

@@ -1,0 +1,107 @@
+"""A process reward model: a per-token two-class head (wrong, right) on a causal LM's backbone.
+
+It is a transformers token-classification model (``LlamaForTokenClassification``
+for polm-tiny), saved and loaded with ``save_pretrained`` /
+``AutoModelForTokenClassification.from_pretrained``. A step's score is the
+probability of "right" read at the step's last token.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel
+
+from polm.engine.encoding import IGNORE_INDEX, pad_batch
+from polm.engine.errors import PolmError
+from polm.engine.quiet import no_transformers_progress
+from polm.plugins.reasoning.prm.steps import encode_steps
+
+LABELS = {0: "wrong", 1: "right"}
+
+
+def is_process_reward_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a token classifier with the (wrong, right) labels of a PRM."""
+    config = getattr(model, "config", None)
+    return type(model).__name__.endswith("ForTokenClassification") and getattr(config, "num_labels", 0) == 2
+
+
+def process_reward_model(causal_lm: PreTrainedModel) -> PreTrainedModel:
+    """A PRM whose backbone is a copy of ``causal_lm``'s and whose score head is new (seeded by the caller).
+
+    Raises:
+        PolmError: if transformers has no token-classification model for the architecture.
+    """
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels, config.id2label = 2, dict(LABELS)
+    config.label2id = {label: index for index, label in LABELS.items()}
+    try:
+        prm = AutoModelForTokenClassification.from_config(config)
+    except ValueError as error:
+        raise PolmError(f"no token-classification head for model type '{config.model_type}' in transformers, "
+                        "so it cannot become a process reward model") from error
+    getattr(prm, prm.base_model_prefix).load_state_dict(getattr(causal_lm, causal_lm.base_model_prefix).state_dict())
+    return prm
+
+
+def step_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the step labels at step ends (the PRM objective of Lightman et al. 2023,
+    "Let's Verify Step by Step", arXiv:2305.20050).
+
+    Args:
+        logits: (B, T, 2) per-token class logits.
+        labels: (B, T) 0 or 1 at step ends, ``-100`` elsewhere.
+
+    Returns:
+        ``(loss, {"step_accuracy": ...})``.
+    """
+    labelled = labels != IGNORE_INDEX  # (B, T)
+    loss = F.cross_entropy(logits[labelled].float(), labels[labelled])
+    accuracy = (logits[labelled].argmax(-1) == labels[labelled]).float().mean()
+    return loss, {"step_accuracy": float(accuracy)}
+
+
+@torch.no_grad()
+def step_scores(prm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], steps: Sequence[Sequence[str]],
+                separator: str = "\n", batch_size: int = 32) -> list[list[float]]:
+    """P(right) of every step of every solution; a solution without steps gets ``[]``."""
+    device = next(prm.parameters()).device
+    was_training = prm.training
+    prm.eval()
+    scores: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        examples = [encode_steps(tokenizer, prompt, solution, separator=separator)
+                    for prompt, solution in zip(prompts[start: start + batch_size], steps[start: start + batch_size])]
+        batch = pad_batch(examples, tokenizer.pad_token_id)
+        logits = prm(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, 2)
+        right = torch.softmax(logits.float(), -1)[..., 1].cpu()  # (B, T)
+        scores += [right[row][batch["labels"][row] != IGNORE_INDEX].tolist() for row in range(len(examples))]
+    prm.train(was_training)
+    return scores
+
+
+def load_process_reward_model(path: str | Path) -> tuple[PreTrainedModel, Any]:
+    """A PRM saved by the ``prm`` stage: its checkpoint folder, or the stage folder holding ``final/``.
+
+    Raises:
+        PolmError: if the folder holds no PRM.
+    """
+    path = Path(path)
+    if (path / "final").is_dir():
+        path = path / "final"
+    if not (path / "config.json").is_file():
+        raise PolmError(f"no process reward model in {path}; point to the folder of a 'prm' stage")
+    with no_transformers_progress():
+        model = AutoModelForTokenClassification.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if not is_process_reward_model(model):
+        raise PolmError(f"{path} holds a {type(model).__name__}, not a process reward model from the 'prm' stage")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
