@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import polm
@@ -74,7 +76,8 @@ def test_bundled_media_tasks_are_deterministic_and_valid(tmp_path, monkeypatch, 
     files = [part["path"] for row in first for part in row["prompt"][0]["content"] if part["type"] != "text"]
     again = [part["path"].replace(str(tmp_path / "b"), str(tmp_path / "a"))
              for row in second for part in row["prompt"][0]["content"] if part["type"] != "text"]
-    assert files == again and all(open(f, "rb").read() == open(f.replace("/a/", "/b/"), "rb").read() for f in files)
+    assert files == again
+    assert all(Path(f).read_bytes() == Path(f.replace("/a/", "/b/")).read_bytes() for f in files)
     assert {r["skill"] for r in first} == skills
     assert len(load_rows(f"polm:{name}", "test")) == 400  # registered, valid rows
 
@@ -90,8 +93,6 @@ def test_align_options_and_starting_model_are_checked():
 
 
 def test_multimodal_recipe_builds():
-    from pathlib import Path
-
     from polm.engine.recipe import load_recipe
 
     recipe = load_recipe(str(Path(__file__).parents[1] / "examples" / "recipes" / "multimodal.yaml"))

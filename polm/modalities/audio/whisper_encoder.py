@@ -9,6 +9,7 @@ tokens), randomly initialised, for tests and the quickstart.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class WhisperEncoder(Encoder):
         elif name in whisper.available_models() or Path(name).is_file():
             try:
                 model = whisper.load_model(name, device="cpu", download_root=options.download_root)
-            except Exception as error:  # urllib, checksum and unpickling errors alike: report them in one line
+            except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
                 raise PolmError(f"whisper:{name}: cannot load the checkpoint: {str(error).splitlines()[0]}; "
                                 "pass the path of a downloaded checkpoint (.pt) instead") from None
         else:
