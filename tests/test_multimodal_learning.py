@@ -4,6 +4,9 @@ Each test joins polm-tiny to a tiny random-init encoder (``open_clip:polm-tiny-v
 or ``whisper:polm-tiny``, frozen), runs ``align`` on captions and ``sft`` on
 questions, and checks held-out exact match per skill against chance. Figures
 before training are chance by construction (the text model never saw the media).
+
+They take about ten minutes on two CPU cores, too long for the default run:
+they are marked ``slow`` and run with ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from polm.modalities.audio.tones import CHANCE as TONES_CHANCE
 from polm.modalities.audio.tones import tones_caption_rows, tones_rows
 from polm.modalities.vision.shapes import CHANCE as SHAPES_CHANCE
 from polm.modalities.vision.shapes import shapes_caption_rows, shapes_rows
+
+pytestmark = pytest.mark.slow
 
 IMAGE = {"image": "open_clip:polm-tiny-vit"}
 AUDIO = {"audio": "whisper:polm-tiny"}

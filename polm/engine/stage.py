@@ -71,7 +71,15 @@ class Stage:
         """Fail fast on problems visible before loading a model (data files, names)."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model this stage trains: its ``tuning`` method applied to the starting model."""
+        """The model this stage trains: its ``tuning`` method applied to the starting model.
+
+        A multimodal model (one with ``tune_language_model``) applies the method to its language model and
+        keeps its connectors trainable (LLaVA stage 2), whatever the stage.
+        """
+        tune = getattr(model, "tune_language_model", None)
+        return tune(self._apply_tuning) if tune is not None else self._apply_tuning(model)
+
+    def _apply_tuning(self, model: torch.nn.Module) -> torch.nn.Module:
         tuning = getattr(self.options, "tuning", None)
         if tuning is None:
             return model

@@ -61,12 +61,6 @@ class SFTStage(Stage):
 
     Options = SFTOptions
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The tuning method applied to the model; a multimodal model applies it to its language model
-        and keeps its connectors trainable (LLaVA stage 2)."""
-        tune = getattr(model, "tune_language_model", None)
-        return tune(super().prepare) if tune is not None else super().prepare(model)
-
     def check(self) -> None:
         check_data_spec(self.options.data, "data")
         if self.options.eval_data is not None:
@@ -98,13 +92,13 @@ class SFTStage(Stage):
                             "carry; set packing and padding_free to false")
         if self.options.packing:
             rows: list[Any] = pack(examples, self.options.max_length)
-            collate = lambda items: collate_packed(items, pad_id)  # noqa: E731
+            collate = lambda items: collate_packed(items, pad_id)
         elif self.options.padding_free:
             rows = examples
-            collate = lambda items: collate_packed([concatenate(items)], pad_id)  # noqa: E731
+            collate = lambda items: collate_packed([concatenate(items)], pad_id)
         else:
             rows = examples
-            collate = lambda items: pad_batch(items, pad_id)  # noqa: E731
+            collate = lambda items: pad_batch(items, pad_id)
 
         return TrainingTask(
             rows=rows,
