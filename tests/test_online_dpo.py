@@ -82,6 +82,40 @@ def test_online_dpo_takes_a_judge_as_its_reward(random_model, tokenizer, tmp_pat
     assert 0.0 <= score <= 1.0
 
 
+class _RecordingObjective:
+    """A runtime plugin contributing the pairwise objective ``recorded_dpo`` (dpo that records its batch sizes)."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    @polm.hookimpl
+    def polm_register_objectives(self, register):
+        from polm.plugins.alignment.objectives import dpo_loss
+
+        def recorded_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+            self.calls.append(policy_chosen.shape[0])
+            return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
+
+        register("recorded_dpo", recorded_dpo)
+
+
+def test_a_plugin_objective_is_selected_by_name_and_runs(random_model, tokenizer, tmp_path):
+    """objective: recorded_dpo runs the plugin's function: once on (1,) zeros when the stage is added, then
+    once per step on the step's untied pairs."""
+    plugin = _RecordingObjective()
+    polm.plugin_manager().register(plugin, name="test-recorded-dpo")
+    try:
+        pipeline = polm.Pipeline(random_model, tokenizer=tokenizer).add(
+            "online_dpo", data=PROMPTS, rewards="test_length", objective="recorded_dpo", max_steps=2, batch_size=4,
+            max_new_tokens=6, log_every=1, eval_size=0)
+        assert plugin.calls == [1]
+        pipeline.run(tmp_path / "run")
+    finally:
+        polm.plugin_manager().unregister(name="test-recorded-dpo")
+    pairs = [round(record["pair_fraction"] * 4) for record in records(tmp_path / "run")]
+    assert plugin.calls[1:] == [count for count in pairs if count], (plugin.calls, pairs)
+
+
 def test_online_dpo_needs_a_reward():
     with pytest.raises(polm.PolmError, match="set 'reward_model'"):
         polm.Pipeline("polm-tiny").add("online_dpo", data="polm:arithmetic")

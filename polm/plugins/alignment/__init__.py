@@ -1,4 +1,25 @@
-"""The alignment paradigm: preference objectives and the stages that train with them."""
+"""The alignment paradigm: preference objectives and the stages that train with them.
+
+Stages:
+
+==============  =====================================================================  ==================
+stage           trains on                                                              headline metric
+==============  =====================================================================  ==================
+dpo             preference pairs, any pairwise objective (``simpo``/``orpo``: presets)  reward_accuracy
+kto             unpaired rows ``{prompt, completion, label}`` (or pairs, split in two)  reward_accuracy
+reward_model    preference pairs: a Bradley–Terry reward model (a side model)           accuracy
+ppo             prompts; rewards from a reward model and/or registered rewards         reward
+online_dpo      prompts; two samples each, the reward picks the chosen one              reward
+==============  =====================================================================  ==================
+
+A ``reward_model`` stage writes the reward model to its ``final/`` and hands
+the model it started from on to the next stage; later stages name the reward
+model's folder, e.g. ``ppo: {reward_model: runs/demo/01-reward_model}``.
+
+Rewards: ``reward_model`` (a trained reward model's score; option ``path``)
+and ``judge`` (a local language model's probability of "Yes"; options
+``model``, ``template``, ``yes``, ``no``).
+"""
 
 from __future__ import annotations
 
