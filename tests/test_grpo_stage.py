@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import polm
-from polm.engine.plugins import registry
 from polm.plugins.reasoning.grpo import GRPOOptions
 from polm.plugins.reasoning.grpo.stage import GRPOStep
 
@@ -48,8 +47,8 @@ def reward_plugin() -> Iterator[None]:
 
 
 def grpo_pipeline(model, tokenizer, rows, **options) -> polm.Pipeline:
-    settings = dict(data=rows, batch_size=2, num_generations=4, max_new_tokens=6, max_steps=2, log_every=1,
-                    eval_size=0, lr=1e-3)
+    settings = {"data": rows, "batch_size": 2, "num_generations": 4, "max_new_tokens": 6, "max_steps": 2,
+                "log_every": 1, "eval_size": 0, "lr": 1e-3}
     return polm.Pipeline(model, tokenizer=tokenizer).add("grpo", **{**settings, **options})
 
 
@@ -122,7 +121,7 @@ def test_resume_at_a_generation_boundary_repeats_the_uninterrupted_run(random_mo
     """Stopped after step 2 of 4 (num_iterations 2), the resumed run logs the same losses and rewards
     and ends with the uninterrupted run's weights."""
     initial = {key: value.clone() for key, value in random_model.state_dict().items()}
-    settings = dict(rewards={"completion_chars": 1.0}, max_steps=4, num_iterations=2)
+    settings = {"rewards": {"completion_chars": 1.0}, "max_steps": 4, "num_iterations": 2}
     with reward_plugin():
         grpo_pipeline(random_model, tokenizer, arithmetic[0], **settings).run(tmp_path / "whole")
         expected = {key: value.clone() for key, value in random_model.state_dict().items()}

@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--size", type=int, default=None, help="evaluate the first N rows only")
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    scaling = evaluate.add_mutually_exclusive_group()
+    scaling.add_argument("--self-consistency", type=int, metavar="K", help="majority vote of K samples per question")
+    scaling.add_argument("--best-of-n", type=int, metavar="N", help="the best of N samples under --reward")
+    scaling.add_argument("--self-refine", type=int, metavar="ROUNDS", help="critique-and-revise for ROUNDS rounds")
+    evaluate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the K or N samples")
+    evaluate.add_argument("--reward", default="prm", help="the registered reward --best-of-n picks by (default prm)")
+    evaluate.add_argument("--reward-option", dest="reward_options", action="append", default=[], metavar="KEY=VALUE",
+                          help="an option of --reward, e.g. checkpoint=runs/x/01-prm (repeatable)")
 
     quickstart = commands.add_parser("quickstart", help="post-train polm-tiny on the bundled task, offline")
     quickstart.add_argument("--output", help="run folder (default: runs/quickstart-<time>)")
@@ -129,10 +137,39 @@ def _plugins(arguments: argparse.Namespace) -> int:
 def _eval(arguments: argparse.Namespace) -> int:
     from polm.engine.evaluation import evaluate
 
-    metrics = evaluate(arguments.checkpoint, arguments.data, arguments.split, size=arguments.size,
-                       max_new_tokens=arguments.max_new_tokens, show_progress=True)
+    if arguments.self_consistency or arguments.best_of_n or arguments.self_refine is not None:
+        metrics = _eval_scaled(arguments)
+    else:
+        metrics = evaluate(arguments.checkpoint, arguments.data, arguments.split, size=arguments.size,
+                           max_new_tokens=arguments.max_new_tokens, show_progress=True)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _eval_scaled(arguments: argparse.Namespace) -> dict[str, float]:
+    """``polm eval`` with an inference-time scaling method (see :mod:`polm.plugins.reasoning.scaling`)."""
+    import yaml
+
+    from polm.engine.data import load_rows
+    from polm.engine.models import load_model
+    from polm.plugins.reasoning.scaling import scaled_exact_match
+
+    if arguments.self_consistency:
+        method, settings = "self_consistency", {"k": arguments.self_consistency, "temperature": arguments.temperature}
+    elif arguments.best_of_n:
+        options = {}
+        for item in arguments.reward_options:
+            key, separator, value = item.partition("=")
+            if not separator:
+                raise PolmError(f"--reward-option expects KEY=VALUE, got '{item}'")
+            options[key] = yaml.safe_load(value)  # numbers and booleans as in a recipe
+        method, settings = "best_of_n", {"n": arguments.best_of_n, "reward": arguments.reward,
+                                         "reward_options": options, "temperature": arguments.temperature}
+    else:
+        method, settings = "self_refine", {"rounds": arguments.self_refine}
+    model, tokenizer = load_model(arguments.checkpoint)
+    rows = load_rows(arguments.data, arguments.split)[: arguments.size or None]
+    return scaled_exact_match(model, tokenizer, rows, method, arguments.max_new_tokens, **settings)
 
 
 def _quickstart(arguments: argparse.Namespace) -> int:

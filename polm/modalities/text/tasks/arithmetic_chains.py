@@ -1,25 +1,28 @@
 """Multi-step arithmetic for reasoning: worked solutions, and step-labelled solutions with deliberate mistakes.
 
-Each question chains two or three operations, e.g. ``What is (23 + 15) * 4?``,
-solved one operation per line::
+Each question chains two or three operations on one-digit numbers, e.g.
+``What is (3 + 4) * 5?``, solved one operation per line::
 
-    <think>23 + 15 = 38
-    38 * 4 = 152</think><answer>152</answer>
+    <think>3 + 4 = 7
+    7 * 5 = 35</think><answer>35</answer>
 
 =====  =======================================  =========================
 level  chain                                    example
 =====  =======================================  =========================
-2      ``(a ± b) op c``                         ``(23 + 15) * 4``
-3      ``((a ± b) op c) ± d``                   ``((23 + 15) * 4) - 17``
+2      ``(a ± b) op c``                         ``(3 + 4) * 5``
+3      ``((a ± b) op c) ± d``                   ``((3 + 4) * 5) - 8``
 =====  =======================================  =========================
 
-``a`` has two digits, ``b`` and ``d`` one or two, ``c`` one digit when it
-multiplies; every intermediate value is positive. ``polm:arithmetic-think`` rows
+Every operand has one digit; a multiplication is of a one-digit value, and
+every intermediate value is positive, so each step is as hard as level 1-2 of
+``polm:arithmetic`` and the difficulty is in chaining them. ``polm:arithmetic-think`` rows
 are ``{prompt, completion, answer, level}`` (SFT, and GRPO with the ``format``
 reward); ``polm:arithmetic-steps`` rows are ``{prompt, steps, labels, answer,
 level}`` for training a process reward model. Half of the step-labelled
-solutions contain one wrong result (off by 1, 2 or 10, or two digits swapped);
-the later steps compute correctly from the wrong value. A step's label is 1
+solutions contain one wrong step: a wrong result (off by 1, 2 or 10, or two
+digits swapped) or an operand miscopied from the question (the step then
+computes correctly from it); the later steps compute correctly from the wrong
+value. A step's label is 1
 while the solution is still right and 0 from the first wrong step on (the
 "still on track" labels of Math-Shepherd, arXiv:2312.08935).
 
@@ -81,22 +84,14 @@ class _Chain:
         return self.steps()[-1].value
 
 
-def _operand(rng: random.Random, op: str, value: int) -> int:
-    if op == "*":
-        return rng.randint(2, 9)
-    if op == "-":
-        return rng.randint(1, min(value - 1, 99))  # keeps every intermediate value positive
-    return rng.randint(1, 99)
-
-
 def _draw(rng: random.Random) -> _Chain:
     length = rng.choice((2, 3))
-    value = rng.randint(10, 99)
+    value = rng.randint(2, 9)
     start, operations = value, []
     for index in range(length):
-        ops = "+-*" if index == 1 and value < 100 else "+-"  # one multiplication at most, of a two-digit value
+        ops = "+-*" if index == 1 and value <= 9 else "+-"  # one multiplication at most, of one digit by one digit
         op = rng.choice(ops if value >= 2 else ops.replace("-", ""))
-        operand = _operand(rng, op, value)
+        operand = rng.randint(1, min(value - 1, 9)) if op == "-" else rng.randint(2 if op == "*" else 1, 9)
         operations.append((op, operand))
         value = _OPERATIONS[op](value, operand)
     return _Chain(start, tuple(operations))
@@ -162,6 +157,13 @@ def _mistake(value: int, rng: random.Random) -> int:
     return rng.choice(sorted({candidate for candidate in candidates if candidate >= 0 and candidate != value}))
 
 
+def _other_operand(step: _Step, rng: random.Random) -> int:
+    """A one-digit right operand other than the question's, keeping a difference positive."""
+    highest = min(step.left - 1, 9) if step.op == "-" else 9
+    choices = [digit for digit in range(1, highest + 1) if digit != step.right] or [step.right + 1]
+    return rng.choice(choices)
+
+
 def arithmetic_step_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
     """Step-labelled solutions of the questions of :func:`arithmetic_think_rows`, half with one wrong step.
 
@@ -181,7 +183,12 @@ def arithmetic_step_rows(split: str, size: int | None = None, seed: int = 0) -> 
         for index, step in enumerate(steps):
             if carried is not None:  # after a mistake the solution goes on from the wrong value
                 step = _Step(carried, step.op, step.right)
-            value = _mistake(step.value, rng) if index == wrong else step.value
+            value = step.value
+            if index == wrong and rng.random() < 0.5:  # a miscopied operand, computed correctly from
+                step = _Step(step.left, step.op, _other_operand(step, rng))
+                value = step.value
+            elif index == wrong:  # a wrong result
+                value = _mistake(step.value, rng)
             texts.append(step.text(value))
             labels.append(int(wrong is None or index < wrong))
             carried = value if wrong is not None and index >= wrong else None

@@ -5,5 +5,5 @@ from polm.plugins.reasoning.prm.reward import prm_reward
 from polm.plugins.reasoning.prm.stage import PRMOptions, PRMStage
 from polm.plugins.reasoning.prm.steps import encode_steps, split_steps
 
-__all__ = ["PRMOptions", "PRMStage", "encode_steps", "load_process_reward_model", "process_reward_model",
-           "prm_reward", "split_steps", "step_scores"]
+__all__ = ["PRMOptions", "PRMStage", "encode_steps", "load_process_reward_model", "prm_reward",
+           "process_reward_model", "split_steps", "step_scores"]

@@ -1,0 +1,66 @@
+"""Inference-time scaling: majority vote and best-of-n picks by hand, the methods end to end, and ``polm eval``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import polm
+from polm.engine.cli import main
+from polm.plugins.reasoning.scaling import majority_vote, pick_best, scaled_exact_match
+
+
+def test_majority_vote_by_hand():
+    """Group 1: answers 3, 4, 3, 4 (tags stripped) tie 2-2, the first sampled (3) wins and its first
+    completion is returned. Group 2: 7 wins 3-1; the first completion that said 7 is returned."""
+    completions = ["<answer>3</answer>", "4", "3", "4", "8", "7.", "<answer>7</answer>", "7"]
+    assert majority_vote(completions, 4) == ["<answer>3</answer>", "7."]
+
+
+class LengthReward:
+    @polm.hookimpl
+    def polm_register_rewards(self, register):
+        register("longest", lambda prompts, completions, bonus=0.0, **fields: [len(c) + bonus for c in completions])
+
+
+def test_pick_best_takes_the_highest_reward_per_row_first_on_ties():
+    manager = polm.plugin_manager()
+    manager.register(LengthReward(), name="test-longest")
+    try:
+        rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+        picked = pick_best(rows, ["x", "xyz", "xy", "pq", "rs", "t"], 3, reward="longest",
+                           reward_options={"bonus": 1.0})
+    finally:
+        manager.unregister(name="test-longest")
+    assert picked == ["xyz", "pq"]
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("greedy", {}),
+    ("self_consistency", {"k": 3}),
+    ("best_of_n", {"n": 3, "reward": "format", "reward_options": {"pattern": r"\d+"}}),
+    ("self_refine", {"rounds": 1, "critique_tokens": 4}),
+])
+def test_each_method_grades_one_completion_per_row(random_model, tokenizer, arithmetic, method, settings):
+    metrics = scaled_exact_match(random_model, tokenizer, arithmetic[1][:4], method, max_new_tokens=4, **settings)
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert any(key.startswith("exact_match/level_") for key in metrics)
+
+
+def test_unknown_method_names_the_choices(random_model, tokenizer, arithmetic):
+    with pytest.raises(polm.PolmError, match="unknown inference method 'beam'; choose one of greedy, self_consistency"):
+        scaled_exact_match(random_model, tokenizer, arithmetic[1][:2], "beam")
+
+
+def test_polm_eval_runs_self_consistency_and_best_of_n(capsys: Any):
+    assert main(["eval", "polm-tiny", "--data", "polm:arithmetic", "--size", "3", "--max-new-tokens", "4",
+                 "--self-consistency", "2"]) == 0
+    assert "exact_match" in json.loads(capsys.readouterr().out)
+    assert main(["eval", "polm-tiny", "--data", "polm:arithmetic", "--size", "3", "--max-new-tokens", "4",
+                 "--best-of-n", "2", "--reward", "format", "--reward-option", "pattern=\\d+"]) == 0
+    assert "exact_match" in json.loads(capsys.readouterr().out)
+    assert main(["eval", "polm-tiny", "--data", "polm:arithmetic", "--best-of-n", "2",
+                 "--reward-option", "checkpoint"]) == 2
+    assert "--reward-option expects KEY=VALUE, got 'checkpoint'" in capsys.readouterr().err
