@@ -126,6 +126,23 @@ def test_media_for_a_text_only_model_is_refused_readably(client, tmp_path):
     assert reply(chat(client, "What is 1 + 1?")[0]).strip()
 
 
+def test_chat_with_an_image_on_a_multimodal_model(client, tmp_path):
+    """A saved polm-tiny + tiny CLIP model, named by its folder, answers a message with an uploaded image."""
+    import polm
+    from polm.modalities.multimodal.build import build_multimodal
+
+    lm, tokenizer = polm.load_model("polm-tiny")
+    build_multimodal(lm, {"image": "open_clip:polm-tiny-vit"}).save_pretrained(tmp_path / "vlm")
+    tokenizer.save_pretrained(tmp_path / "vlm")
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    pane_a, _ = chat(client, "What colour is the shape?", model_a=str(tmp_path / "vlm"),
+                     files=(handle_file(str(image)),))
+    assert pane_a[-1]["role"] == "assistant" and reply(pane_a).strip(), pane_a
+
+
 def test_closing_a_reply_stream_stops_generation():
     """A page that goes away mid-reply closes the stream; sampling must stop rather than run to max tokens."""
     from polm.apps.chat import GenerationSettings, stream_reply, stream_together
