@@ -31,7 +31,7 @@ SPLITS = ("train", "test")
 DEFAULT_SIZES = {"train": 20_000, "test": 300}
 TEST_POOL_SIZE = 300
 LEVEL_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
-_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class _Question:
 
     @property
     def answer(self) -> int:
-        return _OPERATIONS[self.op](self.a, self.b)
+        return OPERATIONS[self.op](self.a, self.b)
 
     def row(self) -> dict:
         return {"prompt": f"What is {self.expression}?", "answer": str(self.answer), "level": self.level}
@@ -120,7 +120,7 @@ def _wrong_answer(question: _Question, rng: random.Random) -> int:
     digits = str(right)
     if len(digits) >= 2 and digits[-1] != digits[-2]:
         candidates.append(int(digits[:-2] + digits[-1] + digits[-2]))
-    candidates += [operation(question.a, question.b) for operation in _OPERATIONS.values()]
+    candidates += [operation(question.a, question.b) for operation in OPERATIONS.values()]
     return rng.choice(sorted({value for value in candidates if value >= 0 and value != right}))
 
 

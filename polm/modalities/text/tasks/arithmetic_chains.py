@@ -35,10 +35,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SPLITS = ("train", "test")
+from polm.modalities.text.tasks.arithmetic import OPERATIONS, SPLITS
+
 DEFAULT_SIZES = {"train": 5_000, "test": 200}
 TEST_POOL_SIZE = 200
-_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class _Step:
 
     @property
     def value(self) -> int:
-        return _OPERATIONS[self.op](self.left, self.right)
+        return OPERATIONS[self.op](self.left, self.right)
 
     def text(self, value: int | None = None) -> str:
         return f"{self.left} {self.op} {self.right} = {self.value if value is None else value}"
@@ -93,7 +93,7 @@ def _draw(rng: random.Random) -> _Chain:
         op = rng.choice(ops if value >= 2 else ops.replace("-", ""))
         operand = rng.randint(1, min(value - 1, 9)) if op == "-" else rng.randint(2 if op == "*" else 1, 9)
         operations.append((op, operand))
-        value = _OPERATIONS[op](value, operand)
+        value = OPERATIONS[op](value, operand)
     return _Chain(start, tuple(operations))
 
 
