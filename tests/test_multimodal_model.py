@@ -116,3 +116,22 @@ def test_placeholders_without_media_are_refused(random_model, tokenizer, media):
     example = encode_row(tokenizer, _rows(media)[0])
     with pytest.raises(PolmError, match="input_ids hold media placeholders but no media were passed"):
         model(input_ids=torch.tensor([example.input_ids]))
+
+
+def test_preference_pairs_with_images_are_scored_with_their_images(random_model, tokenizer, tmp_path):
+    """dpo's log-probs of an image pair depend on the image: the same pair with another picture scores differently,
+    and the pair scored in a batch equals the pair scored alone."""
+    from polm.plugins.alignment.logps import collate_pairs, encode_pair, sequence_logps
+
+    model = _model(random_model, "mlp2x_gelu")
+    pairs = []
+    for name, colour in (("red", (230, 40, 40)), ("blue", (30, 40, 230))):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{name}.png")
+        prompt = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / f"{name}.png")},
+                                               {"type": "text", "text": "What colour is it?"}]}]
+        pairs.append(encode_pair(tokenizer, {"prompt": prompt, "chosen": "red", "rejected": "blue"}, 64))
+    with torch.no_grad():
+        both = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))  # red c, blue c, red r, blue r
+        alone = sequence_logps(model, collate_pairs(pairs[:1], tokenizer.pad_token_id))
+    torch.testing.assert_close(both[[0, 2]], alone)
+    assert not torch.allclose(both[0], both[1]), "the image must change the completion's log-prob"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from polm.engine.data import Row, row_format
-from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_completion, pad_batch, truncate
+from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_completion, media_inputs, pad_batch, truncate
 from polm.engine.errors import PolmError
 
 
@@ -94,6 +94,9 @@ def completion_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool =
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
-    """Completion log-probs of every row of ``batch`` under ``model``: (N,), summed or averaged per token."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """Completion log-probs of every row of ``batch`` under ``model``: (N,), summed or averaged per token.
+
+    Image and audio parts of multimodal pairs reach the model through ``batch["media"]``."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **media_inputs(model, batch.get("media"))).logits
     return completion_logps(logits, batch["labels"], average)
