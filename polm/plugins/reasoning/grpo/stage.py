@@ -44,7 +44,7 @@ from polm.engine.rewards import parse_reward_weights, score_weighted
 from polm.engine.rollout import Rollout, completion_token_logps, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.reference import ReferenceModel, eval_mode
+from polm.plugins.alignment.dpo.reference import ReferenceModel
 from polm.plugins.reasoning.grpo.losses import (
     clipped_policy_loss,
     group_advantages,
@@ -56,20 +56,6 @@ from polm.plugins.reasoning.grpo.options import GRPOOptions
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-@torch.no_grad()
-def reference_token_logps(reference: ReferenceModel, policy: torch.nn.Module, rollout: Rollout,
-                          temperature: float) -> torch.Tensor:
-    """(N, C) log-probs of the rollout's tokens under the starting model (adapters disabled for peft)."""
-    if reference.shares_policy:
-        model = extract_model_from_parallel(policy)
-        with eval_mode(model), model.disable_adapter():
-            return completion_token_logps(model, rollout, temperature)[0]
-    device = next(policy.parameters()).device
-    if next(reference.frozen.parameters()).device != device:
-        reference.frozen.to(device)
-    return completion_token_logps(reference.frozen, rollout, temperature)[0]
 
 
 @dataclass
@@ -132,7 +118,7 @@ class GRPOStep:
             rollout, advantages = rollout.select(rows_kept), advantages[rows_kept]
         ref_logps = None
         if self.reference is not None:
-            ref_logps = reference_token_logps(self.reference, policy, rollout, options.temperature)
+            ref_logps = self.reference.token_logps(policy, rollout, options.temperature)
         return GenerationBatch(rollout, advantages, ref_logps, metrics)
 
     def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
