@@ -126,8 +126,10 @@ def test_media_for_a_text_only_model_is_refused_readably(client, tmp_path):
     assert reply(chat(client, "What is 1 + 1?")[0]).strip()
 
 
-def test_chat_with_an_image_on_a_multimodal_model(client, tmp_path):
-    """A saved polm-tiny + tiny CLIP model, named by its folder, answers a message with an uploaded image."""
+def test_chat_with_an_image_on_a_multimodal_model(app, tmp_path):
+    """A saved polm-tiny + tiny CLIP model, named by its folder, answers a message with an uploaded image.
+
+    Its own client (session): the image stays in this session's chat history, which text-only models refuse."""
     import polm
     from polm.modalities.multimodal.build import build_multimodal
 
@@ -138,7 +140,7 @@ def test_chat_with_an_image_on_a_multimodal_model(client, tmp_path):
 
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    pane_a, _ = chat(client, "What colour is the shape?", model_a=str(tmp_path / "vlm"),
+    pane_a, _ = chat(Client(app.local_url, verbose=False), "What colour is the shape?", model_a=str(tmp_path / "vlm"),
                      files=(handle_file(str(image)),))
     assert pane_a[-1]["role"] == "assistant" and reply(pane_a).strip(), pane_a
 
