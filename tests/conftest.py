@@ -64,3 +64,14 @@ def sft_checkpoint(quickstart_run):
     and reasoning learning tests. Treat it as read-only."""
     _, result = quickstart_run
     return result.stages[0].checkpoint
+
+
+@pytest.fixture(scope="module")
+def app():
+    """The polm app served in this process on 127.0.0.1, on the first free port from 7860; closed afterwards.
+    Module-scoped: each app test file gets its own server. Needs the 'app' extra."""
+    from polm.apps.server import launch
+
+    served = launch([], port=None, block=False)
+    yield served
+    served.close()

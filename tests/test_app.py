@@ -50,16 +50,6 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 
 @pytest.fixture(scope="module")
-def app():
-    """The app served in this process on 127.0.0.1, on the first free port from 7860; closed afterwards."""
-    from polm.apps.server import launch
-
-    served = launch([], port=None, block=False)
-    yield served
-    served.close()
-
-
-@pytest.fixture(scope="module")
 def client(app) -> Client:
     return Client(app.local_url, verbose=False)
 

@@ -29,15 +29,6 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def app():
-    from polm.apps.server import launch
-
-    served = launch([], port=None, block=False)
-    yield served
-    served.close()
-
-
-@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
