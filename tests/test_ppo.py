@@ -16,7 +16,9 @@ import torch
 from torch.testing import assert_close
 
 import polm
+from polm.plugins.alignment.dpo.reference import ReferenceModel
 from polm.plugins.alignment.ppo import (
+    PPOOptions,
     PPOStage,
     ValueHead,
     gae,
@@ -25,6 +27,7 @@ from polm.plugins.alignment.ppo import (
     ppo_value_loss,
     whiten,
 )
+from polm.plugins.alignment.ppo.stage import PPOStep
 
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]]
 
@@ -164,6 +167,21 @@ def test_ppo_logs_its_metrics_and_saves_a_plain_policy_and_a_value_head(random_m
     assert PPOStage.headline_metric == "reward"
 
 
+def test_prompt_baseline_scores_each_sample_against_the_other_samples_of_its_prompt(random_model, tokenizer):
+    """Two prompts, two samples each, scores (1, 3) and (0, 4): each loses the mean of the other samples of
+    its prompt, giving (-2, 2) and (-4, 4). With no KL penalty, gamma = lambda = 1, the zero-initialised
+    value head and no whitening, the advantage of every sampled token is its completion's shaped score."""
+    options = PPOOptions(**ppo_options("accuracy", prompt_baseline=True, kl_coef=0.0, lam=1.0,
+                                       whiten_advantages=False))
+    step = PPOStep(options, tokenizer, lambda rows, completions: torch.tensor([1.0, 3.0, 0.0, 4.0]),
+                   ReferenceModel(random_model), ValueHead(32))
+    buffer = step.collect(random_model, PROMPTS[:2])
+    mask = buffer.rollout.completion_mask.float()
+    expected = torch.tensor([-2.0, 2.0, -4.0, 4.0])[:, None] * mask
+    assert_close(buffer.advantages, expected)
+    assert buffer.metrics["score"] == 2.0, "the logged score is the reward model's, before the baseline"
+
+
 def test_ppo_resumes_exactly_in_the_middle_of_a_rollout(random_model, tokenizer, tmp_path, length_reward):
     """Stopped after step 3 (the first update of the second rollout), resumed: the same losses as a run
     that never stopped, because the checkpoint holds the value head and the rollout buffer."""
@@ -191,6 +209,7 @@ def test_ppo_resumes_exactly_in_the_middle_of_a_rollout(random_model, tokenizer,
     ({"rewards": {"acuracy": 1.0}}, r"unknown reward 'acuracy'\. Did you mean 'accuracy'\?"),
     ({"rewards": {"accuracy": 1.0}, "grad_accum": 2}, "set 'minibatches' instead of 'grad_accum'"),
     ({"rewards": {"accuracy": 1.0}, "batch_size": 3, "minibatches": 2}, r"'minibatches' \(2\) must divide"),
+    ({"rewards": {"accuracy": 1.0}, "prompt_baseline": True}, "set 'samples' to 2 or more"),
 ])
 def test_bad_ppo_options_fail_when_the_stage_is_added(options, message):
     with pytest.raises(polm.PolmError, match=message):

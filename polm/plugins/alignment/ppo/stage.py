@@ -5,7 +5,14 @@ prompts of a step, scores them (a reward model and/or registered rewards, see
 :mod:`polm.plugins.alignment.scoring`), and turns the score into per-token
 rewards with the KL penalty ``-kl_coef (logp - ref_logp)`` (the reference is the
 starting model: a frozen copy, or the LoRA policy with its adapters disabled).
-GAE on the value head's estimates gives advantages and returns. The rollout
+GAE on the value head's estimates gives advantages and returns. With
+``prompt_baseline`` each score first loses the mean score of the other samples
+of its prompt (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE
+Style Optimization for Learning from Human Feedback in LLMs",
+https://arxiv.org/abs/2402.14740): a Bradley–Terry reward model is trained on
+score differences within a prompt, so its scores carry an arbitrary offset per
+prompt, which the value head would otherwise have to learn before the
+advantages say which sample of a prompt was better. The rollout
 is then replayed for ``ppo_epochs`` epochs of ``minibatches`` minibatches, one
 optimizer step each, with the clipped policy and value losses of
 :mod:`polm.plugins.alignment.ppo.loss`.
@@ -44,6 +51,7 @@ from polm.plugins.alignment.dpo.reference import ReferenceModel
 from polm.plugins.alignment.ppo.loss import gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from polm.plugins.alignment.ppo.value_head import ValueHead, hidden_size, last_hidden_states
 from polm.plugins.alignment.scoring import RewardOptions, RewardSource
+from polm.plugins.reasoning.grpo.losses import rloo_advantages
 
 BUFFER_FILE = "rollout_buffer.pt"
 
@@ -64,6 +72,9 @@ class PPOOptions(StageOptions, RewardOptions):
     gamma: float = field(default=1.0, metadata={"help": "discount per token"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages over each rollout"})
+    prompt_baseline: bool = field(default=False, metadata={
+        "help": "subtract from each score the mean score of the other samples of its prompt (RLOO's baseline; "
+                "needs samples >= 2): removes the per-prompt offset a Bradley–Terry reward model leaves arbitrary"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts"})
 
@@ -75,6 +86,9 @@ class PPOOptions(StageOptions, RewardOptions):
         for name in ("samples", "ppo_epochs", "minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
+        if self.prompt_baseline and self.samples < 2:
+            raise ValueError(f"'prompt_baseline' compares the samples of a prompt: set 'samples' to 2 or more, "
+                             f"got {self.samples}")
         if self.grad_accum != 1:
             raise ValueError("ppo takes one optimizer step per minibatch; set 'minibatches' instead of 'grad_accum'")
         if (self.batch_size * self.samples) % self.minibatches:
@@ -154,10 +168,14 @@ class PPOStep:
                          num_samples=options.samples, max_new_tokens=options.max_new_tokens,
                          temperature=options.temperature, top_p=options.top_p)
         scores = self.rewards([row for row in rows for _ in range(options.samples)], rollout.texts)  # (N,)
+        if options.prompt_baseline:
+            shaped = rloo_advantages(scores.view(-1, options.samples)).flatten()  # (N,)
+        else:
+            shaped = scores
         old_logps, old_values = (tensor.cpu() for tensor in self.forward(policy, rollout))
         ref_logps = self.reference.token_logps(policy, rollout, options.temperature).cpu()
         mask = rollout.completion_mask.float()
-        rewards = kl_penalised_rewards(scores, old_logps, ref_logps, mask, options.kl_coef)
+        rewards = kl_penalised_rewards(shaped, old_logps, ref_logps, mask, options.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, options.gamma, options.lam)
         if options.whiten_advantages:
             advantages = whiten(advantages, mask)
