@@ -67,13 +67,16 @@ def test_resampler_and_cross_attention_beat_chance_twice(tmp_path):
             f"{connector['name']}: colour exact_match {score:.0%} (chance {SHAPES_CHANCE['colour']:.0%})"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: 24% beep-count exact_match (chance 25%) after align 20 + sft 300 "
-                   "steps with a frozen random-init whisper:polm-tiny; a linear probe on its features reaches 42%")
 def test_whisper_resampler_counts_beeps(tmp_path):
-    """Beep counting (chance 25%) reaches twice chance through a frozen tiny Whisper encoder and a resampler."""
+    """Beep counting (chance 25%) reaches twice chance through a frozen tiny Whisper encoder and a resampler.
+
+    Measured on two cores: 60% after align 200 steps (2000 captions) + sft 300. Before the
+    encoder's front-end init (``init_tiny_front_end``) it stayed at 24% (always "2").
+    """
     train = [r for r in tones_rows("train") if r["skill"] == "count"]
-    model, tokenizer = _run(tmp_path, AUDIO, {"name": "resampler", "num_queries": 8}, tones_caption_rows("train", 300),
-                            train, 20, 300)
+    model, tokenizer = _run(tmp_path, AUDIO, {"name": "resampler", "num_queries": 8}, tones_caption_rows("train"),
+                            train, 200, 300)
     score = _scores(model, tokenizer, tones_rows("test"), ("count",))["count"]
     print(f"whisper + resampler: beep count {score:.0%} (chance {TONES_CHANCE['count']:.0%})")
-    assert score >= 2 * TONES_CHANCE["count"], f"count exact_match {score:.0%} (chance {TONES_CHANCE['count']:.0%})"
+    assert score >= 2 * TONES_CHANCE["count"], \
+        f"count exact_match {score:.0%} after align 200 + sft 300 steps, from chance {TONES_CHANCE['count']:.0%}"
