@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 
@@ -14,7 +15,7 @@ class _Rewards:
     """A runtime plugin with rewards: one accepts completions that contain a digit, one the samples of
     even-numbered prompts only, one is broken."""
 
-    calls: list[int] = []
+    calls: ClassVar[list[int]] = []
 
     @polm.hookimpl
     def polm_register_rewards(self, register):
