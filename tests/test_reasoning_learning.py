@@ -1,16 +1,24 @@
 """Learning tests of the reasoning paradigm, from the session's SFT checkpoint of polm-tiny (``sft_checkpoint``).
 
-GRPO raises the reward of the prompts it trains on (on-policy, fresh samples every step). Held-out
-gains of GRPO, PRM best-of-n and self-consistency are not asserted here: at the budgets measured so
-far they did not reach their targets (see the reasoning paradigm's issue for the figures).
+GRPO raises the reward of the prompts it trains on (on-policy, fresh samples every step), and, in the
+slow test, the held-out exact match of worked multi-step solutions (``examples/recipes/reasoning.yaml``).
+Not asserted, because they did not reach their targets at the budgets measured (figures in the reasoning
+issue): a 5-point held-out gain of GRPO on single-operation polm:arithmetic (best +1.3 from 77.0%),
+self-consistency beating greedy decoding robustly, PRM best-of-n beating a random pick.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 import polm
+from polm.engine.recipe import load_recipe
 from polm.modalities.text.tasks.arithmetic import arithmetic_rows
+
+REASONING_RECIPE = Path(__file__).parents[1] / "examples" / "recipes" / "reasoning.yaml"
 
 
 def test_grpo_raises_the_reward_of_its_training_prompts(sft_checkpoint, tmp_path):
@@ -25,3 +33,24 @@ def test_grpo_raises_the_reward_of_its_training_prompts(sft_checkpoint, tmp_path
     first, last = records[0]["reward/accuracy"], records[-1]["reward/accuracy"]
     assert records[-1]["reward/format"] >= 0.99, "the answers stay bare numbers"
     assert last >= first + 0.10, f"rollout accuracy over steps 1-10 {first:.1%}, over steps 31-40 {last:.1%}"
+
+
+def test_reasoning_recipe_is_valid():
+    """Every stage of the example recipe passes its option checks (the slow test below runs it)."""
+    pipeline = load_recipe(REASONING_RECIPE).pipeline()
+    assert [stage.name for stage in pipeline.stages] == ["sft", "sft", "grpo"]
+
+
+@pytest.mark.slow
+def test_grpo_on_worked_solutions_raises_held_out_reward_and_exact_match_by_five_points(sft_checkpoint, tmp_path):
+    """The reasoning recipe after its first stage (the quickstart's SFT): SFT on polm:arithmetic-think, then
+    GRPO with the accuracy and format rewards. Measured on one thread: held-out exact_match 67.0% -> 73.0%,
+    mean reward 0.869 -> 0.930 (accuracy + 0.2 format)."""
+    recipe = load_recipe(REASONING_RECIPE)
+    assert [stage["name"] for stage in recipe.stages] == ["sft", "sft", "grpo"]
+    recipe.model, recipe.stages, recipe.stage_lines = str(sft_checkpoint), recipe.stages[1:], recipe.stage_lines[1:]
+    grpo = recipe.pipeline().run(tmp_path / "run", evaluate_before=True).stages[1]
+    for metric in ("reward", "exact_match"):
+        before, after = grpo.before[metric], grpo.metrics[f"eval/{metric}"]
+        assert after >= before + 0.05, f"held-out {metric} {before:.3f} after SFT, {after:.3f} after GRPO"
+    assert grpo.metrics["eval/reward/format"] >= 0.99, "the solutions keep the <think>/<answer> format"
