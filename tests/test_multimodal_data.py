@@ -92,8 +92,9 @@ def test_align_options_and_starting_model_are_checked():
         stage.prepare(model)
 
 
-def test_multimodal_recipe_builds():
+@pytest.mark.parametrize("name", ["multimodal.yaml", "multimodal-audio.yaml"])
+def test_multimodal_recipes_build(name):
     from polm.engine.recipe import load_recipe
 
-    recipe = load_recipe(str(Path(__file__).parents[1] / "examples" / "recipes" / "multimodal.yaml"))
-    assert [stage.name for stage in recipe.pipeline().stages][:2] == ["align", "sft"]
+    recipe = load_recipe(str(Path(__file__).parents[1] / "examples" / "recipes" / name))
+    assert [stage.name for stage in recipe.pipeline().stages] == ["align", "sft", "grpo"]
