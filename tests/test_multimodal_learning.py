@@ -4,8 +4,9 @@ Each test joins polm-tiny to a tiny random-init encoder (``open_clip:polm-tiny-v
 or ``whisper:polm-tiny``, frozen), runs ``align`` on captions and ``sft`` on
 questions, and checks held-out exact match per skill against chance. Figures
 before training are chance by construction (the text model never saw the media).
+One test then runs ``grpo`` from such a model and checks that it raises the figure.
 
-They take about ten minutes on two CPU cores, too long for the default run:
+They take about twenty minutes on two CPU cores (more when the cores are shared), too long for the default run:
 they are marked ``slow`` and run with ``pytest -m slow``.
 """
 
