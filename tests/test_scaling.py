@@ -6,10 +6,18 @@ import json
 from typing import Any
 
 import pytest
+import torch
 
 import polm
 from polm.engine.cli import main
-from polm.plugins.reasoning.scaling import majority_vote, pick_best, scaled_exact_match
+from polm.plugins.reasoning.scaling import (
+    best_of_n,
+    majority_vote,
+    pick_best,
+    scaled_exact_match,
+    self_consistency,
+    self_refine,
+)
 
 
 def test_majority_vote_by_hand():
@@ -44,9 +52,19 @@ def test_pick_best_takes_the_highest_reward_per_row_first_on_ties():
     ("self_refine", {"rounds": 1, "critique_tokens": 4}),
 ])
 def test_each_method_grades_one_completion_per_row(random_model, tokenizer, arithmetic, method, settings):
-    metrics = scaled_exact_match(random_model, tokenizer, arithmetic[1][:4], method, max_new_tokens=4, **settings)
+    """Every method hands back one completion per row, and the metrics cover exactly the rows' levels."""
+    rows = arithmetic[1][:4]
+    prompts = [row["prompt"] for row in rows]
+    if method != "greedy":
+        methods = {"self_consistency": self_consistency, "best_of_n": best_of_n, "self_refine": self_refine}
+        torch.manual_seed(0)
+        completions = methods[method](random_model, tokenizer, rows if method == "best_of_n" else prompts,
+                                      max_new_tokens=4, **settings)
+        assert len(completions) == len(rows) and all(isinstance(c, str) for c in completions)
+    metrics = scaled_exact_match(random_model, tokenizer, rows, method, max_new_tokens=4, **settings)
+    levels = {f"exact_match/level_{row['level']}" for row in rows}
+    assert set(metrics) == {"exact_match"} | levels
     assert 0.0 <= metrics["exact_match"] <= 1.0
-    assert any(key.startswith("exact_match/level_") for key in metrics)
 
 
 def test_unknown_method_names_the_choices(random_model, tokenizer, arithmetic):
