@@ -10,36 +10,50 @@ from transformers import AutoModelForTokenClassification
 import polm
 from polm.engine.data import load_rows
 from polm.engine.encoding import IGNORE_INDEX, encode_prompt
-from polm.plugins.reasoning.prm import encode_steps, prm_reward, split_steps, step_scores
+from polm.plugins.reasoning.prm import encode_solution, locate_steps, prm_reward, split_steps, step_scores, step_spans
 
 
-def test_split_steps_reads_the_think_block_or_the_whole_completion():
-    assert split_steps("<think>23 + 15 = 38\n38 * 4 = 152\n</think><answer>152</answer>") == [
-        "23 + 15 = 38", "38 * 4 = 152"]
-    assert split_steps("<answer>85</answer>") == ["85"]
+def test_steps_are_the_think_lines_then_the_answer_block():
+    completion = "<think>23 + 15 = 38\n38 * 4 = 152\n</think><answer>152</answer>"
+    assert split_steps(completion) == ["23 + 15 = 38", "38 * 4 = 152", "<answer>152</answer>"]
+    assert step_spans(completion)[0] == (7, 19) and step_spans(completion)[2] == (41, 61)
+    assert split_steps("<answer>85</answer>") == ["<answer>85</answer>"]
     assert split_steps("a; b;", separator=";") == ["a", "b"]
     assert split_steps("  \n") == []
+    assert locate_steps("x = 1\nx = 1", ["x = 1", "x = 1"]) == [(0, 5), (6, 11)]
+    with pytest.raises(ValueError, match="step 1 'y' is not in the completion after step 0"):
+        locate_steps("x\nz", ["x", "y"])
 
 
-def test_step_labels_sit_on_each_step_end(tokenizer):
-    prompt_ids = encode_prompt(tokenizer, "What is (1 + 2) * 3?")
-    example = encode_steps(tokenizer, "What is (1 + 2) * 3?", ["1 + 2 = 3", "3 * 3 = 8"], [1, 0])
-    first = tokenizer("1 + 2 = 3\n", add_special_tokens=False)["input_ids"]
-    second = tokenizer("3 * 3 = 8\n", add_special_tokens=False)["input_ids"]
-    assert example.input_ids == prompt_ids + first + second
+def test_step_labels_sit_on_the_character_that_closes_each_step(tokenizer):
+    """'<think>1 + 2 = 3\n3 * 3 = 8</think><answer>8</answer>' in three pieces cut after each step's
+    closing character: the '\n' after the first line, the '<' of '</think>' after the second, and
+    the answer block's own last character; each piece's last token carries its step's label."""
+    prompt = "What is (1 + 2) * 3?"
+    completion = "<think>1 + 2 = 3\n3 * 3 = 8</think><answer>8</answer>"
+    example = encode_solution(tokenizer, prompt, completion, step_spans(completion), [1, 0, 0])
+    pieces = ["<think>1 + 2 = 3\n", "3 * 3 = 8<", "/think><answer>8</answer>"]
+    ids = [tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in pieces]
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    assert example.input_ids == prompt_ids + ids[0] + ids[1] + ids[2]
     labelled = [(position, label) for position, label in enumerate(example.labels) if label != IGNORE_INDEX]
-    assert labelled == [(len(prompt_ids) + len(first) - 1, 1), (len(example.input_ids) - 1, 0)]
+    ends = [len(prompt_ids) + len(ids[0]) - 1, len(prompt_ids) + len(ids[0]) + len(ids[1]) - 1,
+            len(example.input_ids) - 1]
+    assert labelled == [(ends[0], 1), (ends[1], 0), (ends[2], 0)]
 
 
 def test_bundled_step_rows_label_every_step_from_the_first_mistake_on():
     rows = load_rows("polm:arithmetic-steps", "test")
-    assert len(rows) == 200 and {len(row["steps"]) for row in rows} == {2, 3}
+    assert len(rows) == 200 and {len(row["steps"]) for row in rows} == {3, 4}, "2-3 lines and the answer block"
     for row in rows:
         labels = row["labels"]
         assert len(labels) == len(row["steps"]) and labels == sorted(labels, reverse=True)
-        final = row["steps"][-1].split(" = ")[-1]
-        assert (final == row["answer"]) == all(labels), row
+        assert split_steps(row["completion"]) == row["steps"], "the policy's completions split the same way"
+        written = row["steps"][-1].removeprefix("<answer>").removesuffix("</answer>")
+        assert (written == row["answer"]) == all(labels), row
     assert 0.3 < sum(not all(row["labels"]) for row in rows) / len(rows) < 0.7
+    copied_wrongly = [row for row in rows if row["labels"][-2:] == [1, 0]]
+    assert copied_wrongly and all(row["steps"][-2].split(" = ")[-1] == row["answer"] for row in copied_wrongly)
     think = load_rows("polm:arithmetic-think", "test")
     assert [row["prompt"] for row in think] == [row["prompt"] for row in rows]
     assert think[0]["completion"].startswith("<think>") and think[0]["completion"].endswith(
@@ -64,12 +78,12 @@ def test_prm_stage_saves_a_token_classifier_that_the_prm_reward_uses(random_mode
 
     completions = ["<think>1 + 2 = 3\n3 * 3 = 9</think><answer>9</answer>", "<answer>8</answer>", ""]
     prompts = ["What is (1 + 2) * 3?"] * 3
-    scores = step_scores(prm, tokenizer, prompts, [split_steps(c) for c in completions])
-    assert [len(values) for values in scores] == [2, 1, 0]
+    scores = step_scores(prm, tokenizer, prompts, completions)
+    assert [len(values) for values in scores] == [3, 1, 0]
     by_min = prm_reward(prompts, completions, checkpoint=str(prm_dir.parent))
     by_prod = prm_reward(prompts, completions, checkpoint=str(prm_dir), aggregation="prod")
     assert by_min == pytest.approx([min(scores[0]), scores[1][0], 0.0], abs=1e-6)
-    assert by_prod == pytest.approx([scores[0][0] * scores[0][1], scores[1][0], 0.0], abs=1e-6)
+    assert by_prod == pytest.approx([scores[0][0] * scores[0][1] * scores[0][2], scores[1][0], 0.0], abs=1e-6)
     with pytest.raises(ValueError, match="checkpoint"):
         prm_reward(prompts, completions)
 
@@ -80,3 +94,8 @@ def test_prm_stage_rejects_malformed_rows_and_adapters(random_model, tokenizer, 
     bad = [{"prompt": "What is 1 + 1?", "answer": "2", "steps": ["1 + 1 = 2"], "labels": [1, 1]}]
     with pytest.raises(polm.PolmError, match=r"data row 0: field 'labels' must hold one 0 or 1 per step; got \[1, 1\] for 1 step"):
         polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=bad, max_steps=1).run(tmp_path / "run")
+    missing = [{"prompt": "What is 1 + 1?", "completion": "<think>1 + 1 = 2</think>", "steps": ["1 + 1 = 3"],
+                "labels": [0]}]
+    with pytest.raises(polm.PolmError, match=r"data row 0: step 0 '1 \+ 1 = 3' is not in the completion; each step must "
+                                             r"appear in field 'completion', in order"):
+        polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=missing, max_steps=1).run(tmp_path / "run2")

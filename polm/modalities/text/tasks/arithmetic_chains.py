@@ -17,12 +17,13 @@ Every operand has one digit; a multiplication is of a one-digit value, and
 every intermediate value is positive, so each step is as hard as level 1-2 of
 ``polm:arithmetic`` and the difficulty is in chaining them. ``polm:arithmetic-think`` rows
 are ``{prompt, completion, answer, level}`` (SFT, and GRPO with the ``format``
-reward); ``polm:arithmetic-steps`` rows are ``{prompt, steps, labels, answer,
-level}`` for training a process reward model. Half of the step-labelled
-solutions contain one wrong step: a wrong result (off by 1, 2 or 10, or two
-digits swapped) or an operand miscopied from the question (the step then
-computes correctly from it); the later steps compute correctly from the wrong
-value. A step's label is 1
+reward); ``polm:arithmetic-steps`` rows are ``{prompt, completion, steps, labels, answer,
+level}`` for training a process reward model; their steps are the lines of the
+solution and its ``<answer>`` block. Half of the step-labelled solutions
+contain one mistake: a wrong result (off by 1, 2 or 10, or two digits
+swapped), an operand miscopied from the question (the step then computes
+correctly from it; the later steps compute correctly from the wrong value), or
+a final answer that is not the last line's result. A step's label is 1
 while the solution is still right and 0 from the first wrong step on (the
 "still on track" labels of Math-Shepherd, arXiv:2312.08935).
 
@@ -165,20 +166,21 @@ def _other_operand(step: _Step, rng: random.Random) -> int:
 
 
 def arithmetic_step_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
-    """Step-labelled solutions of the questions of :func:`arithmetic_think_rows`, half with one wrong step.
+    """Step-labelled solutions of the questions of :func:`arithmetic_think_rows`, half with one mistake.
 
     Args and Raises are those of :func:`arithmetic_think_rows`.
 
     Returns:
-        Rows ``{"prompt", "steps", "labels", "answer", "level"}``: ``steps`` the lines of the solution,
-        ``labels`` 1 for each step while the solution is right and 0 from its first wrong step on;
-        ``answer`` is the correct final answer.
+        Rows ``{"prompt", "completion", "steps", "labels", "answer", "level"}``: ``completion`` the
+        worked solution as the policy writes it, ``steps`` its lines followed by its
+        ``<answer>...</answer>`` block, ``labels`` 1 for each step while the solution is right and 0
+        from its first wrong step on; ``answer`` is the correct final answer.
     """
     rng = random.Random(f"polm-arithmetic-chains:{seed}:{split}:mistakes")
     rows = []
     for chain in _chains(split, size, seed):
         steps = chain.steps()
-        wrong = rng.randrange(len(steps)) if rng.random() < 0.5 else None
+        wrong = rng.randrange(len(steps) + 1) if rng.random() < 0.5 else None  # len(steps): the answer
         texts, labels, carried = [], [], None
         for index, step in enumerate(steps):
             if carried is not None:  # after a mistake the solution goes on from the wrong value
@@ -192,6 +194,9 @@ def arithmetic_step_rows(split: str, size: int | None = None, seed: int = 0) -> 
             texts.append(step.text(value))
             labels.append(int(wrong is None or index < wrong))
             carried = value if wrong is not None and index >= wrong else None
-        rows.append({"prompt": chain.prompt, "steps": texts, "labels": labels, "answer": str(chain.answer),
-                     "level": len(steps)})
+        final = int(texts[-1].split(" = ")[-1])
+        written = _mistake(final, rng) if wrong == len(steps) else final  # an answer copied wrongly
+        completion = worked_solution(texts, str(written))
+        rows.append({"prompt": chain.prompt, "completion": completion, "steps": texts + [f"<answer>{written}</answer>"],
+                     "labels": labels + [int(wrong is None)], "answer": str(chain.answer), "level": len(steps)})
     return rows

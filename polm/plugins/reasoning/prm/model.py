@@ -20,7 +20,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrai
 from polm.engine.encoding import IGNORE_INDEX, pad_batch
 from polm.engine.errors import PolmError
 from polm.engine.quiet import no_transformers_progress
-from polm.plugins.reasoning.prm.steps import encode_steps
+from polm.plugins.reasoning.prm.steps import Span, encode_solution, step_spans
 
 LABELS = {0: "wrong", 1: "right"}
 
@@ -67,16 +67,25 @@ def step_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tupl
 
 
 @torch.no_grad()
-def step_scores(prm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], steps: Sequence[Sequence[str]],
-                separator: str = "\n", batch_size: int = 32) -> list[list[float]]:
-    """P(right) of every step of every solution; a solution without steps gets ``[]``."""
+def step_scores(prm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], completions: Sequence[str],
+                spans: Sequence[Sequence[Span]] | None = None, separator: str = "\n",
+                batch_size: int = 32) -> list[list[float]]:
+    """P(right) of every step of every completion; a completion without steps gets ``[]``.
+
+    Args:
+        spans: each completion's step spans; by default :func:`~polm.plugins.reasoning.prm.steps.step_spans`
+            with ``separator``.
+    """
+    if spans is None:
+        spans = [step_spans(completion, separator) for completion in completions]
     device = next(prm.parameters()).device
     was_training = prm.training
     prm.eval()
     scores: list[list[float]] = []
     for start in range(0, len(prompts), batch_size):
-        examples = [encode_steps(tokenizer, prompt, solution, separator=separator)
-                    for prompt, solution in zip(prompts[start: start + batch_size], steps[start: start + batch_size])]
+        end = start + batch_size
+        examples = [encode_solution(tokenizer, prompt, completion, solution_spans) for prompt, completion, solution_spans
+                    in zip(prompts[start:end], completions[start:end], spans[start:end])]
         batch = pad_batch(examples, tokenizer.pad_token_id)
         logits = prm(input_ids=batch["input_ids"].to(device),
                      attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, 2)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from polm.plugins.reasoning.prm.model import load_process_reward_model, step_scores
-from polm.plugins.reasoning.prm.steps import split_steps
 
 AGGREGATIONS = ("min", "prod")
 _loaded: dict[tuple[str, float], tuple[Any, Any]] = {}
@@ -29,7 +28,8 @@ def prm_reward(prompts: list[Any], completions: list[str], checkpoint: str | Non
                separator: str = "\n", **fields: Any) -> list[float]:
     """The PRM's score of each completion: the ``min`` or ``prod`` of its steps' P(right), 0.0 without steps.
 
-    Steps are the lines of the ``<think>`` block (see :func:`~polm.plugins.reasoning.prm.steps.split_steps`).
+    Steps are the lines of the ``<think>`` block and the ``<answer>`` block
+    (see :func:`~polm.plugins.reasoning.prm.steps.step_spans`).
     ``min`` is the first-error view of Lightman et al. 2023; ``prod`` treats steps as independent checks.
     """
     if checkpoint is None:
@@ -37,7 +37,6 @@ def prm_reward(prompts: list[Any], completions: list[str], checkpoint: str | Non
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
     model, tokenizer = _cached(checkpoint)
-    steps = [split_steps(completion, separator) for completion in completions]
-    scores = step_scores(model, tokenizer, prompts, steps, separator)
+    scores = step_scores(model, tokenizer, prompts, completions, separator=separator)
     combine = min if aggregation == "min" else math.prod
     return [combine(values) if values else 0.0 for values in scores]

@@ -1,11 +1,13 @@
 """The ``prm`` stage: train a process reward model on step-labelled solutions.
 
 Rows are ``{prompt, steps: [...], labels: [...]}`` with a 0/1 label per step
-(``polm:arithmetic-steps`` bundles some). The stage turns its starting causal
-LM into a token classifier that shares its backbone
+(``polm:arithmetic-steps`` bundles some), and optionally ``completion``: the
+whole solution as the policy writes it, in which the steps are found in order.
+Without it the solution is the steps joined by ``separator``. The stage turns
+its starting causal LM into a token classifier that shares its backbone
 (:func:`~polm.plugins.reasoning.prm.model.process_reward_model`) and trains it
-with the shared loop to tell right steps from wrong ones at each step's last
-token. The saved model is a transformers token-classification model; the
+with the shared loop to tell right steps from wrong ones where each step ends
+(:func:`~polm.plugins.reasoning.prm.steps.encode_solution`). The saved model is a transformers token-classification model; the
 ``prm`` reward and ``best_of_n`` use it by folder. Make it the last stage of a
 pipeline: the model it hands on is the PRM, not a language model.
 """
@@ -31,7 +33,7 @@ from polm.plugins.reasoning.prm.model import (
     step_classification_loss,
     step_scores,
 )
-from polm.plugins.reasoning.prm.steps import encode_steps
+from polm.plugins.reasoning.prm.steps import Span, encode_solution, locate_steps
 
 
 @dataclass
@@ -39,7 +41,8 @@ class PRMOptions(StageOptions):
     """Options of ``prm``."""
 
     data: Any = field(default=None, metadata={
-        "help": "step-labelled rows {prompt, steps, labels}: 'polm:arithmetic-steps', a JSONL path or rows"})
+        "help": "step-labelled rows {prompt, steps, labels, completion?}: 'polm:arithmetic-steps', a JSONL path "
+                "or rows"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
     separator: str = field(default="\n", metadata={"help": "what ends each step (also how completions are split)"})
 
@@ -53,14 +56,23 @@ class PRMOptions(StageOptions):
             raise ValueError("'separator' must not be empty")
 
 
-def _checked(row: Row, where: str) -> tuple[list[str], list[int]]:
-    steps, labels = row.get("steps"), row.get("labels")
+def _checked(row: Row, where: str, separator: str) -> tuple[str, list[Span], list[int]]:
+    """The row's solution text, its steps' spans in it and its labels."""
+    steps, labels, completion = row.get("steps"), row.get("labels"), row.get("completion")
     if not isinstance(steps, list) or not steps or not all(isinstance(step, str) for step in steps):
         raise PolmError(f"{where}: field 'steps' must be a non-empty list of strings")
     if not isinstance(labels, list) or len(labels) != len(steps) or any(label not in (0, 1) for label in labels):
         raise PolmError(f"{where}: field 'labels' must hold one 0 or 1 per step; got {labels!r} for "
                         f"{len(steps)} step{'s' * (len(steps) != 1)}")
-    return steps, labels
+    if completion is None:
+        completion = separator.join(steps)
+    elif not isinstance(completion, str):
+        raise PolmError(f"{where}: field 'completion' must be a string, got {type(completion).__name__}")
+    try:
+        spans = locate_steps(completion, steps)
+    except ValueError as error:
+        raise PolmError(f"{where}: {error}; each step must appear in field 'completion', in order") from None
+    return completion, spans, labels
 
 
 class PRMStage(Stage):
@@ -79,8 +91,8 @@ class PRMStage(Stage):
         """The rows encoded with their step labels; a row with no step end within ``max_length`` is dropped."""
         encoded = []
         for index, row in enumerate(rows):
-            steps, labels = _checked(row, f"{what} row {index}")
-            example = truncate(encode_steps(tokenizer, row["prompt"], steps, labels, self.options.separator),
+            completion, spans, labels = _checked(row, f"{what} row {index}", self.options.separator)
+            example = truncate(encode_solution(tokenizer, row["prompt"], completion, spans, labels),
                                self.options.max_length)
             if example is not None:
                 encoded.append(example)
@@ -92,12 +104,12 @@ class PRMStage(Stage):
         rows = [row for row in self.eval_rows() if "steps" in row]
         if not rows or not is_process_reward_model(model):
             return {}
-        checked = [_checked(row, f"eval_data row {index}") for index, row in enumerate(rows)]
-        scores = step_scores(model, tokenizer, [row["prompt"] for row in rows], [steps for steps, _ in checked],
-                             self.options.separator, self.options.batch_size)
-        steps_right = [(score > 0.5) == bool(label) for values, (_, labels) in zip(scores, checked)
+        checked = [_checked(row, f"eval_data row {index}", self.options.separator) for index, row in enumerate(rows)]
+        scores = step_scores(model, tokenizer, [row["prompt"] for row in rows], [text for text, _, _ in checked],
+                             [spans for _, spans, _ in checked], batch_size=self.options.batch_size)
+        steps_right = [(score > 0.5) == bool(label) for values, (_, _, labels) in zip(scores, checked)
                        for score, label in zip(values, labels)]
-        solutions_right = [(min(values) > 0.5) == all(labels) for values, (_, labels) in zip(scores, checked)]
+        solutions_right = [(min(values) > 0.5) == all(labels) for values, (_, _, labels) in zip(scores, checked)]
         return {"step_accuracy": sum(steps_right) / len(steps_right),
                 "solution_accuracy": sum(solutions_right) / len(solutions_right)}
 

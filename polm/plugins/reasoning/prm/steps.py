@@ -1,4 +1,10 @@
-"""Solutions as steps: splitting a completion into steps, and encoding steps for a process reward model."""
+"""Solutions as steps: where the steps of a completion are, and encoding a completion for a process reward model.
+
+A completion is scored as the policy wrote it (``<think>`` tag included), so
+the PRM's backbone sees the text in the format it was fine-tuned on. Its steps
+are the lines of the ``<think>`` block followed by the ``<answer>`` block, so
+that an answer copied wrongly from the last line is a wrong step too.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +14,74 @@ from typing import Any
 
 from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_prompt
 
+Span = tuple[int, int]  # (start, end) character offsets of a step in its completion
+
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_ANSWER = re.compile(r"</?answer>")
+_ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+
+def _pieces(text: str, offset: int, separator: str) -> list[Span]:
+    """Spans of the non-empty, whitespace-stripped pieces of ``text`` between ``separator``\\ s."""
+    spans, start = [], 0
+    for piece in text.split(separator):
+        stripped = piece.strip()
+        if stripped:
+            begin = offset + start + piece.index(stripped)
+            spans.append((begin, begin + len(stripped)))
+        start += len(piece) + len(separator)
+    return spans
+
+
+def step_spans(completion: str, separator: str = "\n") -> list[Span]:
+    """Where the steps of ``completion`` are.
+
+    The steps are the pieces between ``separator``\\ s of its ``<think>`` block (of
+    the text before ``<answer>`` when there is no ``<think>`` block), then its
+    ``<answer>...</answer>`` block as one step when it has one.
+    """
+    answer = _ANSWER.search(completion)
+    before = completion[: answer.start()] if answer else completion
+    think = _THINK.search(before)
+    spans = _pieces(think.group(1), think.start(1), separator) if think else _pieces(before, 0, separator)
+    return spans + [answer.span()] if answer else spans
 
 
 def split_steps(completion: str, separator: str = "\n") -> list[str]:
-    """The steps of ``completion``: the non-empty pieces between ``separator``\\ s of its ``<think>`` block,
-    else of the whole completion with ``<answer>`` tags removed."""
-    found = _THINK.search(completion)
-    text = found.group(1) if found else _ANSWER.sub("", completion)
-    return [step.strip() for step in text.split(separator) if step.strip()]
+    """The text of each step of ``completion`` (see :func:`step_spans`)."""
+    return [completion[start:end] for start, end in step_spans(completion, separator)]
 
 
-def encode_steps(tokenizer: Any, prompt: str | list, steps: Sequence[str], labels: Sequence[int] | None = None,
-                 separator: str = "\n") -> Encoded:
-    """The prompt (chat-templated) followed by each step and ``separator``, labelled on each step's last token.
+def locate_steps(completion: str, steps: Sequence[str]) -> list[Span]:
+    """The spans of ``steps`` found in order in ``completion``.
 
-    Steps are tokenised one by one so that a step ends on a token boundary,
-    the same way in training and in scoring.
+    Raises:
+        ValueError: if a step is not in the completion after the step before it.
+    """
+    spans, position = [], 0
+    for index, step in enumerate(steps):
+        start = completion.find(step, position)
+        if start < 0:
+            after = f" after step {index - 1}" if index else ""
+            raise ValueError(f"step {index} {step!r} is not in the completion{after}")
+        spans.append((start, start + len(step)))
+        position = start + len(step)
+    return spans
+
+
+def encode_solution(tokenizer: Any, prompt: str | list, completion: str, spans: Sequence[Span],
+                    labels: Sequence[int] | None = None) -> Encoded:
+    """The prompt (chat-templated) and the completion up to its last step, labelled where each step ends.
+
+    A step's label sits on the token that holds the character after the step
+    (its separator, or the ``<`` of ``</think>``), because at the step's own last
+    token the model cannot tell ``= 3`` from the start of ``= 36``; the last step
+    of a completion that ends there is labelled on its own last token. The text
+    is tokenised in pieces cut at those characters, so a label never shares a
+    token with the next step, the same way in training and in scoring.
 
     Args:
-        labels: one class per step (1 right, 0 wrong); without them every step-end is labelled 1,
+        spans: the steps' character spans, in order (:func:`step_spans` or :func:`locate_steps`).
+        labels: one class per step (1 right, 0 wrong); without them every step end is labelled 1,
             which marks the positions to read scores at.
 
     Returns:
@@ -36,8 +89,12 @@ def encode_steps(tokenizer: Any, prompt: str | list, steps: Sequence[str], label
     """
     input_ids = encode_prompt(tokenizer, prompt)
     targets = [IGNORE_INDEX] * len(input_ids)
-    for index, step in enumerate(steps):
-        piece = tokenizer(step + separator, add_special_tokens=False)["input_ids"]
+    position = 0
+    for index, (_, end) in enumerate(spans):
+        following = spans[index + 1][0] if index + 1 < len(spans) else len(completion)
+        closing = min(end + 1, following, len(completion))
+        piece = tokenizer(completion[position:closing], add_special_tokens=False)["input_ids"]
         input_ids += piece
         targets += [IGNORE_INDEX] * (len(piece) - 1) + [1 if labels is None else int(labels[index])]
+        position = closing
     return Encoded(input_ids, targets)
