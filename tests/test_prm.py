@@ -10,7 +10,14 @@ from transformers import AutoModelForTokenClassification
 import polm
 from polm.engine.data import load_rows
 from polm.engine.encoding import IGNORE_INDEX, encode_prompt
-from polm.plugins.reasoning.prm import encode_solution, locate_steps, prm_reward, split_steps, step_scores, step_spans
+from polm.plugins.reasoning.prm import (
+    encode_solution,
+    locate_steps,
+    prm_reward,
+    split_steps,
+    step_scores,
+    step_spans,
+)
 
 
 def test_steps_are_the_think_lines_then_the_answer_block():
