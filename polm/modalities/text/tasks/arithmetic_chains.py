@@ -38,7 +38,10 @@ from dataclasses import dataclass
 
 from polm.modalities.text.tasks.arithmetic import OPERATIONS, SPLITS
 
-DEFAULT_SIZES = {"train": 5_000, "test": 200}
+# 50 000 train rows, so that an SFT stage of a few hundred steps never repeats a question: from
+# 5 000 rows, 300 steps of 32 memorised them (99.9% token accuracy) and reached 67% held-out; from
+# 50 000 the same stage reached 71.5%.
+DEFAULT_SIZES = {"train": 50_000, "test": 200}
 TEST_POOL_SIZE = 200
 
 
@@ -132,7 +135,7 @@ def arithmetic_think_rows(split: str, size: int | None = None, seed: int = 0) ->
 
     Args:
         split: ``"train"`` or ``"test"``.
-        size: number of rows; defaults to 5 000 for train and 200 for test (the whole test pool).
+        size: number of rows; defaults to 50 000 for train and 200 for test (the whole test pool).
         seed: chooses the questions; the same arguments always give the same rows.
 
     Returns:
