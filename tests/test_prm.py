@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-from transformers import AutoModelForTokenClassification
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 import polm
 from polm.engine.data import load_rows
@@ -18,6 +20,7 @@ from polm.plugins.reasoning.prm import (
     step_scores,
     step_spans,
 )
+from polm.plugins.reasoning.prm.likelihood import likelihood_step_loss, step_labels, step_token_logps
 
 
 def test_steps_are_the_think_lines_then_the_answer_block():
@@ -72,7 +75,7 @@ def test_bundled_step_rows_label_every_step_from_the_first_mistake_on():
 def test_prm_stage_saves_a_token_classifier_that_the_prm_reward_uses(random_model, tokenizer, tmp_path):
     rows = load_rows("polm:arithmetic-steps", "train")[:64]
     result = (polm.Pipeline(random_model, tokenizer=tokenizer)
-              .add("prm", data=rows, eval_data=rows[:16], max_steps=3, batch_size=8, log_every=1)
+              .add("prm", data=rows, eval_data=rows[:16], head="classifier", max_steps=3, batch_size=8, log_every=1)
               .add("sft", data=[{"prompt": "What is 1 + 1?", "completion": "2"}], max_steps=1, eval_size=0)
               .run(tmp_path / "run"))
     prm_dir = result.stages[0].checkpoint
@@ -106,3 +109,46 @@ def test_prm_stage_rejects_malformed_rows_and_adapters(random_model, tokenizer, 
     with pytest.raises(polm.PolmError, match=r"data row 0: step 0 '1 \+ 1 = 3' is not in the completion; each step must "
                                              r"appear in field 'completion', in order"):
         polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=missing, max_steps=1).run(tmp_path / "run2")
+
+
+def test_likelihood_head_scores_a_step_by_its_least_likely_token():
+    """Vocabulary {0, 1}; the logits at positions 0-3 predict tokens 1-4 of input_ids [0, 1, 0, 1, 1].
+    Step 0 is tokens 1-2, step 1 tokens 3-4 (step_index [-1, 0, 0, 1, 1]).
+    logits [0, ln 3] give p(1) = 3/4 and p(0) = 1/4; [0, ln 2] give p(1) = 2/3.
+    Step 0: p(token 1 = 1) = 3/4, p(token 2 = 0) = 1/4 -> min log p = ln 1/4.
+    Step 1: p(token 3 = 1) = 3/4, p(token 4 = 1) = 2/3 -> min log p = ln 2/3.
+    Labels (0, 1): loss = -(ln(1 - 1/4) + ln(2/3)) / 2 = (0.287682 + 0.405465) / 2 = 0.346574;
+    P(right) 1/4 and 2/3 both agree with their labels."""
+    ln3, ln2 = math.log(3), math.log(2)
+    logits = torch.tensor([[[0.0, ln3], [0.0, ln3], [0.0, ln3], [0.0, ln2], [0.0, 0.0]]])
+    input_ids = torch.tensor([[0, 1, 0, 1, 1]])
+    step_index = torch.tensor([[-1, 0, 0, 1, 1]])
+    step_logps = step_token_logps(logits, input_ids, step_index, num_steps=2)
+    torch.testing.assert_close(step_logps, torch.tensor([[math.log(1 / 4), math.log(2 / 3)]]))
+    labels = step_labels(torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0, IGNORE_INDEX, 1]]), num_steps=2)
+    assert labels.tolist() == [[0, 1]]
+    loss, metrics = likelihood_step_loss(step_logps, labels)
+    torch.testing.assert_close(loss, torch.tensor(0.346574), atol=1e-6, rtol=0)
+    assert metrics == {"step_accuracy": 1.0}
+
+
+def test_likelihood_prm_is_a_causal_lm_that_the_prm_reward_loads(random_model, tokenizer, tmp_path):
+    rows = load_rows("polm:arithmetic-steps", "test")[:32]
+    result = (polm.Pipeline(random_model, tokenizer=tokenizer)
+              .add("prm", data=rows, eval_data=rows[:16], max_steps=2, batch_size=8)  # the default head
+              .run(tmp_path / "run"))
+    assert 0.0 <= result.stages[0].metrics["eval/step_accuracy"] <= 1.0
+    prm = AutoModelForCausalLM.from_pretrained(result.stages[0].checkpoint)
+    assert prm.config.polm_prm_head == "likelihood"
+    completions = ["<think>1 + 2 = 3\n3 * 3 = 9</think><answer>9</answer>", "<answer>8</answer>", ""]
+    prompts = ["What is (1 + 2) * 3?"] * 3
+    scores = step_scores(prm, tokenizer, prompts, completions)
+    assert [len(values) for values in scores] == [3, 1, 0] and all(0 < value <= 1 for value in scores[0])
+    by_min = prm_reward(prompts, completions, checkpoint=str(result.stages[0].checkpoint))
+    assert by_min == pytest.approx([min(scores[0]), scores[1][0], 0.0], abs=1e-5)
+    with pytest.raises(polm.PolmError, match="the starting model is a PRM with the 'likelihood' head; set head: "
+                                             "likelihood to go on training it"):
+        polm.Pipeline(str(result.stages[0].checkpoint)).add("prm", data=rows, head="classifier",
+                                                            max_steps=1).run(tmp_path / "again")
+    with pytest.raises(polm.PolmError, match="'head' must be one of classifier, likelihood, got 'value'"):
+        polm.Pipeline().add("prm", data=rows, head="value")

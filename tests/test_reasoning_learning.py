@@ -2,10 +2,10 @@
 
 GRPO raises the reward of the prompts it trains on (on-policy, fresh samples every step), and, in the
 slow tests, the held-out exact match of worked multi-step solutions (``examples/recipes/reasoning.yaml``);
-self-consistency beats greedy decoding of the recipe's SFT checkpoint.
-Not asserted, because they did not reach their targets at the budgets measured (figures in the reasoning
-issue): a 5-point held-out gain of GRPO on single-operation polm:arithmetic (best +1.3 from 77.0%),
-PRM best-of-n beating a random pick."""
+self-consistency beats greedy decoding of the recipe's SFT checkpoint, and best-of-n with a PRM beats a
+random pick of the same samples.
+Not asserted, because it did not reach its target at the budgets measured (figures in the reasoning
+issue): a 5-point held-out gain of GRPO on single-operation polm:arithmetic (best +1.3 from 77.0%)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import pytest
 import torch
 
 import polm
+from polm.engine.answers import answers_match
 from polm.engine.data import load_rows
+from polm.engine.evaluation import generate
 from polm.engine.recipe import load_recipe
 from polm.modalities.text.tasks.arithmetic import arithmetic_rows
-from polm.plugins.reasoning.scaling import scaled_exact_match
+from polm.plugins.reasoning.scaling import pick_best, scaled_exact_match
 
 REASONING_RECIPE = Path(__file__).parents[1] / "examples" / "recipes" / "reasoning.yaml"
 
@@ -79,3 +81,25 @@ def test_self_consistency_beats_greedy_decoding_of_the_sft_checkpoint(think_run)
         voted.append(scaled_exact_match(model, tokenizer, rows, "self_consistency", max_new_tokens=64, k=8,
                                         temperature=0.3)["exact_match"])
     assert min(voted) > greedy, f"greedy {greedy:.3f}, self-consistency {voted}"
+
+
+@pytest.mark.slow
+def test_best_of_n_with_the_prm_beats_a_random_pick_of_the_same_samples(think_run, tmp_path):
+    """A likelihood PRM trained from the recipe's SFT checkpoint on polm:arithmetic-steps picks the best of
+    8 samples (temperature 0.7) per held-out question; a random pick scores the samples' mean accuracy.
+    Measured by script (the PRM on 30 000 step rows, otherwise these settings): 74.5% against 58.9%,
+    greedy 71.5%; with the classifier head 47.0%."""
+    policy = think_run.stages[0].checkpoint
+    prm = (polm.Pipeline(str(policy))
+           .add("prm", data="polm:arithmetic-steps", head="likelihood", max_steps=300, batch_size=32, lr=5e-5,
+                warmup_ratio=0.05, eval_size=200)
+           .run(tmp_path / "prm")).stages[0]
+    model, tokenizer = polm.load_model(policy)
+    rows = load_rows("polm:arithmetic-think", "test")
+    torch.manual_seed(0)
+    samples = generate(model, tokenizer, [row["prompt"] for row in rows], 64, temperature=0.7, num_samples=8)
+    random_pick = sum(answers_match(sample, rows[index // 8]["answer"])
+                      for index, sample in enumerate(samples)) / len(samples)
+    best = pick_best(rows, samples, 8, "prm", {"checkpoint": str(prm.checkpoint)})
+    best_of_8 = sum(answers_match(sample, row["answer"]) for sample, row in zip(best, rows)) / len(rows)
+    assert best_of_8 >= random_pick + 0.05, f"best-of-8 by the PRM {best_of_8:.3f}, random pick {random_pick:.3f}"

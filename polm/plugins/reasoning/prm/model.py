@@ -1,9 +1,13 @@
-"""A process reward model: a per-token two-class head (wrong, right) on a causal LM's backbone.
+"""A process reward model (PRM): P(right) for every step of a solution, with one of two heads.
 
-It is a transformers token-classification model (``LlamaForTokenClassification``
-for polm-tiny), saved and loaded with ``save_pretrained`` /
-``AutoModelForTokenClassification.from_pretrained``. A step's score is the
-probability of "right" read at the step's last token.
+* ``classifier``: a per-token two-class head (wrong, right) on a causal LM's
+  backbone, read where each step ends (Lightman et al. 2023). It is a
+  transformers token-classification model (``LlamaForTokenClassification`` for
+  polm-tiny), loaded with ``AutoModelForTokenClassification.from_pretrained``.
+* ``likelihood``: the causal LM itself; a step's score is the probability of its
+  least likely token (:mod:`polm.plugins.reasoning.prm.likelihood`). Its config
+  carries ``polm_prm_head: "likelihood"``; it loads with
+  ``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -15,28 +19,55 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from polm.engine.encoding import IGNORE_INDEX, pad_batch
 from polm.engine.errors import PolmError
 from polm.engine.quiet import no_transformers_progress
-from polm.plugins.reasoning.prm.steps import Span, encode_solution, step_spans
+from polm.plugins.reasoning.prm.likelihood import step_token_logps
+from polm.plugins.reasoning.prm.steps import Span, encode_solution, pad_step_index, step_spans
 
 LABELS = {0: "wrong", 1: "right"}
+HEADS = ("classifier", "likelihood")
+HEAD_KEY = "polm_prm_head"  # the config attribute that marks a likelihood PRM
+
+
+def prm_head(model: torch.nn.Module) -> str | None:
+    """``"classifier"`` or ``"likelihood"`` for a PRM, None for any other model."""
+    config = getattr(model, "config", None)
+    if getattr(config, HEAD_KEY, None) == "likelihood":
+        return "likelihood"
+    labels = list(getattr(config, "id2label", {}).values())
+    if type(model).__name__.endswith("ForTokenClassification") and labels == list(LABELS.values()):
+        return "classifier"
+    return None
 
 
 def is_process_reward_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a token classifier with the (wrong, right) labels of a PRM."""
-    config = getattr(model, "config", None)
-    return type(model).__name__.endswith("ForTokenClassification") and getattr(config, "num_labels", 0) == 2
+    """Whether ``model`` is a PRM with either head."""
+    return prm_head(model) is not None
 
 
-def process_reward_model(causal_lm: PreTrainedModel) -> PreTrainedModel:
-    """A PRM whose backbone is a copy of ``causal_lm``'s and whose score head is new (seeded by the caller).
+def process_reward_model(causal_lm: PreTrainedModel, head: str = "classifier") -> PreTrainedModel:
+    """A PRM made from a copy of ``causal_lm``: its backbone under a new score head (seeded by the caller)
+    for ``classifier``, the whole LM for ``likelihood``.
 
     Raises:
-        PolmError: if transformers has no token-classification model for the architecture.
+        PolmError: for an unknown head, or if transformers has no token-classification model for the
+            architecture.
     """
+    if head not in HEADS:
+        raise PolmError(f"unknown PRM head '{head}'; available heads = {list(HEADS)}")
+    if head == "likelihood":
+        prm = copy.deepcopy(causal_lm)
+        setattr(prm.config, HEAD_KEY, "likelihood")
+        return prm
     config = copy.deepcopy(causal_lm.config)
     config.num_labels, config.id2label = 2, dict(LABELS)
     config.label2id = {label: index for index, label in LABELS.items()}
@@ -78,6 +109,7 @@ def step_scores(prm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], co
     """
     if spans is None:
         spans = [step_spans(completion, separator) for completion in completions]
+    head = prm_head(prm)
     device = next(prm.parameters()).device
     was_training = prm.training
     prm.eval()
@@ -87,10 +119,16 @@ def step_scores(prm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], co
         examples = [encode_solution(tokenizer, prompt, completion, solution_spans) for prompt, completion, solution_spans
                     in zip(prompts[start:end], completions[start:end], spans[start:end])]
         batch = pad_batch(examples, tokenizer.pad_token_id)
-        logits = prm(input_ids=batch["input_ids"].to(device),
-                     attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, 2)
-        right = torch.softmax(logits.float(), -1)[..., 1].cpu()  # (B, T)
-        scores += [right[row][batch["labels"][row] != IGNORE_INDEX].tolist() for row in range(len(examples))]
+        input_ids = batch["input_ids"].to(device)
+        logits = prm(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+        if head == "likelihood":
+            step_index = pad_step_index(examples).to(device)
+            counts = [len(solution_spans) for solution_spans in spans[start:end]]
+            right = step_token_logps(logits, input_ids, step_index, max(counts, default=0)).exp().cpu()  # (B, S)
+            scores += [right[row, :count].tolist() for row, count in enumerate(counts)]
+        else:
+            right = torch.softmax(logits.float(), -1)[..., 1].cpu()  # (B, T)
+            scores += [right[row][batch["labels"][row] != IGNORE_INDEX].tolist() for row in range(len(examples))]
     prm.train(was_training)
     return scores
 
@@ -106,8 +144,9 @@ def load_process_reward_model(path: str | Path) -> tuple[PreTrainedModel, Any]:
         path = path / "final"
     if not (path / "config.json").is_file():
         raise PolmError(f"no process reward model in {path}; point to the folder of a 'prm' stage")
+    likelihood = getattr(AutoConfig.from_pretrained(path), HEAD_KEY, None) == "likelihood"
     with no_transformers_progress():
-        model = AutoModelForTokenClassification.from_pretrained(path)
+        model = (AutoModelForCausalLM if likelihood else AutoModelForTokenClassification).from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     if not is_process_reward_model(model):
         raise PolmError(f"{path} holds a {type(model).__name__}, not a process reward model from the 'prm' stage")

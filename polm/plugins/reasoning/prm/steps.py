@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_prompt
 
@@ -18,6 +21,22 @@ Span = tuple[int, int]  # (start, end) character offsets of a step in its comple
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+
+@dataclass
+class StepExample(Encoded):
+    """An encoded solution whose ``step_index`` gives, per token, the step it belongs to (-1 for the prompt)."""
+
+    step_index: list[int] = field(default_factory=list)
+
+
+def pad_step_index(examples: Sequence[StepExample]) -> torch.Tensor:
+    """(B, T) ``step_index`` of each example, right-padded with -1 like :func:`~polm.engine.encoding.pad_batch`."""
+    length = max(len(example.input_ids) for example in examples)
+    padded = torch.full((len(examples), length), -1, dtype=torch.long)
+    for row, example in enumerate(examples):
+        padded[row, : len(example.step_index)] = torch.tensor(example.step_index, dtype=torch.long)
+    return padded
 
 
 def _pieces(text: str, offset: int, separator: str) -> list[Span]:
@@ -69,7 +88,7 @@ def locate_steps(completion: str, steps: Sequence[str]) -> list[Span]:
 
 
 def encode_solution(tokenizer: Any, prompt: str | list, completion: str, spans: Sequence[Span],
-                    labels: Sequence[int] | None = None) -> Encoded:
+                    labels: Sequence[int] | None = None) -> StepExample:
     """The prompt (chat-templated) and the completion up to its last step, labelled where each step ends.
 
     A step's label sits on the token that holds the character after the step
@@ -85,10 +104,12 @@ def encode_solution(tokenizer: Any, prompt: str | list, completion: str, spans: 
             which marks the positions to read scores at.
 
     Returns:
-        :class:`~polm.engine.encoding.Encoded` whose ``labels`` are ``-100`` except at step ends.
+        :class:`StepExample` whose ``labels`` are ``-100`` except at step ends and whose
+        ``step_index`` assigns each piece's tokens to its step.
     """
     input_ids = encode_prompt(tokenizer, prompt)
     targets = [IGNORE_INDEX] * len(input_ids)
+    step_index = [-1] * len(input_ids)
     position = 0
     for index, (_, end) in enumerate(spans):
         following = spans[index + 1][0] if index + 1 < len(spans) else len(completion)
@@ -96,5 +117,6 @@ def encode_solution(tokenizer: Any, prompt: str | list, completion: str, spans: 
         piece = tokenizer(completion[position:closing], add_special_tokens=False)["input_ids"]
         input_ids += piece
         targets += [IGNORE_INDEX] * (len(piece) - 1) + [1 if labels is None else int(labels[index])]
+        step_index += [index] * len(piece)
         position = closing
-    return Encoded(input_ids, targets)
+    return StepExample(input_ids, targets, step_index=step_index)
