@@ -50,7 +50,9 @@ class PRMOptions(StageOptions):
     data: Any = field(default=None, metadata={
         "help": "step-labelled rows {prompt, steps, labels, completion?}: 'polm:arithmetic-steps', a JSONL path "
                 "or rows"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate; by default 5e-5 for the likelihood head (it fine-tunes the LM itself) "
+                "and 5e-4 for the classifier head (new weights)"})
     separator: str = field(default="\n", metadata={"help": "what ends each step (also how completions are split)"})
     head: str = field(default="likelihood", metadata={
         "help": "'likelihood': the LM itself, a step scored by the probability of its least likely token; "
@@ -59,6 +61,8 @@ class PRMOptions(StageOptions):
                 "classifier 0.70"})
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = 5e-4 if self.head == "classifier" else 5e-5
         super().__post_init__()
         if self.data is None:
             raise ValueError("option 'data' is required (step-labelled rows, e.g. 'polm:arithmetic-steps')")
