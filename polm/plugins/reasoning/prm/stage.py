@@ -67,7 +67,7 @@ class PRMOptions(StageOptions):
         if self.data is None:
             raise ValueError("option 'data' is required (step-labelled rows, e.g. 'polm:arithmetic-steps')")
         if self.tuning != "full":
-            raise ValueError(f"'tuning' must be 'full' for prm (its new score head must train), got '{self.tuning}'")
+            raise ValueError(f"'tuning' must be 'full' for prm (the PRM is saved as a whole model), got '{self.tuning}'")
         if not self.separator:
             raise ValueError("'separator' must not be empty")
         if self.head not in HEADS:
@@ -119,7 +119,7 @@ class PRMStage(Stage):
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out ``step_accuracy`` (P(right) > 0.5 agrees with the label) and ``solution_accuracy``
-        (the lowest step score > 0.5 exactly when every step is right); {} for a model that is no PRM yet."""
+        (the lowest step score > 0.5 exactly when every step is right); {} until the model has the stage's head."""
         rows = [row for row in self.eval_rows() if "steps" in row]
         if not rows or prm_head(model) != self.options.head:
             return {}
@@ -138,7 +138,7 @@ class PRMStage(Stage):
             raise PolmError(f"the starting model is a PRM with the '{prm_head(model)}' head; set head: "
                             f"{prm_head(model)} to go on training it, or start from a language model")
         if prm_head(model) is None:
-            torch.manual_seed(context.seed)  # the new score head
+            torch.manual_seed(context.seed)  # the classifier's new score head
             backbone = unwrap_peft(copy.deepcopy(model)) if is_peft(model) else model  # merge a copy, not the policy
             model = process_reward_model(backbone, head)
 
