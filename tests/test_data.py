@@ -143,6 +143,26 @@ def test_unknown_split_names_the_valid_ones():
         load_rows("polm:arithmetic", "validation")
 
 
+def test_worked_arithmetic_solves_the_questions_of_polm_arithmetic_line_by_line():
+    """``polm:arithmetic-worked`` asks polm:arithmetic's questions; each line is right and the answer is the last one's."""
+    from polm.plugins.reasoning.rewards import accuracy_reward, format_reward
+
+    worked, plain = load_rows("polm:arithmetic-worked", "test"), load_rows("polm:arithmetic", "test")
+    assert [(row["prompt"], row["answer"]) for row in worked] == [(row["prompt"], row["answer"]) for row in plain]
+    assert worked[1]["completion"] == "<think>10 * 5 = 50\n6 * 5 = 30\n50 + 30 = 80</think><answer>80</answer>"
+    for row in worked + load_rows("polm:arithmetic-worked", "train")[:2000]:
+        lines = row["completion"].removeprefix("<think>").split("</think>")[0].split("\n")
+        for line in lines:
+            left, op, right, _, result = line.split()
+            assert int(result) == {"+": int(left) + int(right), "-": int(left) - int(right),
+                                   "*": int(left) * int(right)}[op], (row["prompt"], line)
+        assert lines[-1].split()[-1] == row["answer"]
+    completions = [row["completion"] for row in worked]
+    prompts = [row["prompt"] for row in worked]
+    assert accuracy_reward(prompts, completions, answer=[row["answer"] for row in worked]) == [1.0] * len(worked)
+    assert format_reward(prompts, completions) == [1.0] * len(worked)
+
+
 # Encoding
 
 

@@ -2,7 +2,7 @@
 
 This package is a built-in plugin: it registers the ``polm-tiny`` model, the
 encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
-datasets ``polm:arithmetic``, ``polm:arithmetic-prefs``, ``polm:arithmetic-think``,
+datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-prefs``, ``polm:arithmetic-think``,
 ``polm:arithmetic-steps``, ``polm:shapes`` and ``polm:tones``.
 """
 
@@ -35,12 +35,21 @@ def polm_register_encoders(register: Register) -> None:
 @hookimpl
 def polm_register_datasets(register: Register) -> None:
     from polm.modalities.audio.tones import tones_caption_rows, tones_rows
-    from polm.modalities.text.tasks.arithmetic import arithmetic_preference_rows, arithmetic_rows
+    from polm.modalities.text.tasks.arithmetic import (
+        arithmetic_preference_rows,
+        arithmetic_rows,
+        arithmetic_worked_rows,
+    )
     from polm.modalities.vision.shapes import shapes_caption_rows, shapes_rows
 
     register(
         "arithmetic",
         BundledDataset(partial(arithmetic_rows), description="arithmetic questions with exact answers, levels 1-4"),
+    )
+    register(
+        "arithmetic-worked",
+        BundledDataset(partial(arithmetic_worked_rows),
+                       description="polm:arithmetic's questions with <think> steps </think><answer> solutions"),
     )
     register("shapes", BundledDataset(shapes_rows, description=(
         "images of coloured shapes (PIL) with questions on colour, shape, count and position")))

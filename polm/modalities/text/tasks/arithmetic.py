@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 SPLITS = ("train", "test")
 DEFAULT_SIZES = {"train": 20_000, "test": 300}
+WORKED_TRAIN_SIZE = 50_000
 TEST_POOL_SIZE = 300
 LEVEL_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -111,6 +112,55 @@ def arithmetic_rows(split: str, size: int | None = None, seed: int = 0) -> list[
         ValueError: for an unknown split, a negative size or a test size above the pool.
     """
     return [question.row() for question in _questions(split, size, seed)]
+
+
+def worked_solution(steps: list[str], answer: str) -> str:
+    """The reasoning completion format: ``<think>`` one step per line ``</think><answer>...</answer>``."""
+    return "<think>" + "\n".join(steps) + f"</think><answer>{answer}</answer>"
+
+
+def _worked_steps(question: _Question) -> list[str]:
+    """The question solved a place value at a time, one operation per line.
+
+    ``64 * 6``: ``60 * 6 = 360``, ``4 * 6 = 24``, ``360 + 24 = 384``; ``37 + 48``: ``37 + 40 = 77``,
+    ``77 + 8 = 85``; a one-digit right operand is a single step. Every line is a level 1-2 operation
+    or one on a round number, so the difficulty left is in chaining them.
+    """
+    a, op, b = question.a, question.op, question.b
+    if op == "*":
+        tens, units = a // 10 * 10, a % 10
+        steps = [f"{tens} * {b} = {tens * b}"]
+        if units:
+            steps += [f"{units} * {b} = {units * b}", f"{tens * b} + {units * b} = {question.answer}"]
+        return steps
+    if b < 10:
+        return [f"{a} {op} {b} = {question.answer}"]
+    tens, units = b // 10 * 10, b % 10
+    middle = OPERATIONS[op](a, tens)
+    steps = [f"{a} {op} {tens} = {middle}"]
+    if units:
+        steps.append(f"{middle} {op} {units} = {question.answer}")
+    return steps
+
+
+def arithmetic_worked_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
+    """The questions of :func:`arithmetic_rows` with worked solutions, for reasoning stages.
+
+    The same arguments give the same questions as :func:`arithmetic_rows`, so the test split is
+    polm:arithmetic's; the train split defaults to 50 000 rows (a few hundred SFT steps of 32 then
+    never repeat a question) and Raises are those of :func:`arithmetic_rows`.
+
+    Returns:
+        Rows ``{"prompt", "completion", "answer", "level"}``, the completion
+        ``<think>37 + 40 = 77\n77 + 8 = 85</think><answer>85</answer>``.
+    """
+    size = WORKED_TRAIN_SIZE if split == "train" and size is None else size
+    rows = []
+    for question in _questions(split, size, seed):
+        row = question.row()
+        row["completion"] = worked_solution(_worked_steps(question), row["answer"])
+        rows.append(row)
+    return rows
 
 
 def _wrong_answer(question: _Question, rng: random.Random) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from polm.modalities.text.tasks.arithmetic import OPERATIONS, SPLITS
+from polm.modalities.text.tasks.arithmetic import OPERATIONS, SPLITS, worked_solution
 
 # 50 000 train rows, so that an SFT stage of a few hundred steps never repeats a question: from
 # 5 000 rows, 300 steps of 32 memorised them (99.9% token accuracy) and reached 67% held-out; from
@@ -123,11 +123,6 @@ def _chains(split: str, size: int | None, seed: int) -> list[_Chain]:
         if chain.expression not in pool:
             chains.append(chain)
     return chains
-
-
-def worked_solution(steps: list[str], answer: str) -> str:
-    """The completion format: ``<think>`` one step per line ``</think><answer>...</answer>``."""
-    return "<think>" + "\n".join(steps) + f"</think><answer>{answer}</answer>"
 
 
 def arithmetic_think_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
