@@ -3,9 +3,11 @@
 GRPO raises the reward of the prompts it trains on (on-policy, fresh samples every step), and, in the
 slow tests, the held-out exact match of worked multi-step solutions (``examples/recipes/reasoning.yaml``);
 self-consistency beats greedy decoding of the recipe's SFT checkpoint, and best-of-n with a PRM beats a
-random pick of the same samples.
+random pick of the same samples. The first two slow tests fail under pytest at present (figures in their
+docstrings): they are the open targets of the reasoning issue, kept as they were set.
 Not asserted, because it did not reach its target at the budgets measured (figures in the reasoning
-issue): a 5-point held-out gain of GRPO on single-operation polm:arithmetic (best +1.3 from 77.0%)."""
+issue): a 5-point held-out gain of GRPO on single-operation polm:arithmetic, with bare answers (best +1.3
+from 77.0%) or with worked solutions, polm:arithmetic-worked (best +3.7, 69.7% -> 73.3% in 150 steps)."""
 
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def think_sft(sft_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 def test_grpo_on_worked_solutions_raises_held_out_reward_and_exact_match_by_five_points(think_sft, tmp_path):
     """The recipe's GRPO stage (accuracy and format rewards) from its SFT on worked solutions. Measured by
-    script with the same settings: held-out exact_match 71.5% -> 77.5%, mean reward 0.915 -> 0.975."""
+    script with the same settings: held-out exact_match 71.5% -> 77.5%, mean reward 0.915 -> 0.975. Under
+    pytest (a 74.0% start) this test FAILS, the reasoning issue's open target: 74.0% -> 77.5%, 0.939 -> 0.974."""
     recipe = load_recipe(REASONING_RECIPE)
     recipe.model, recipe.stages, recipe.stage_lines = str(think_sft), recipe.stages[2:], recipe.stage_lines[2:]
     grpo = recipe.pipeline().run(tmp_path / "grpo", evaluate_before=True).stages[0]
@@ -72,7 +75,8 @@ def test_grpo_on_worked_solutions_raises_held_out_reward_and_exact_match_by_five
 def test_self_consistency_beats_greedy_decoding_of_the_sft_checkpoint(think_sft):
     """k=8 samples at temperature 0.3, majority vote on the extracted answer, against greedy decoding of the
     same SFT checkpoint on the 200 held-out questions, for each of three sampling seeds. Measured after 300
-    steps of SFT on 50 000 worked solutions: greedy 71.5%, self-consistency 72.5 / 73.5 / 72.5%."""
+    steps of SFT on 50 000 worked solutions: greedy 71.5%, self-consistency 72.5 / 73.5 / 72.5%. Under pytest
+    this test FAILS, the reasoning issue's open target: greedy 74.0%, self-consistency 73.5 / 73.0 / 75.5%."""
     model, tokenizer = polm.load_model(think_sft)
     rows = load_rows("polm:arithmetic-think", "test")
     greedy = scaled_exact_match(model, tokenizer, rows, "greedy", max_new_tokens=64)["exact_match"]
@@ -89,7 +93,7 @@ def test_best_of_n_with_the_prm_beats_a_random_pick_of_the_same_samples(think_sf
     """A likelihood PRM trained from the recipe's SFT checkpoint on polm:arithmetic-steps picks the best of
     8 samples (temperature 0.7) per held-out question; a random pick scores the samples' mean accuracy.
     Measured by script (the PRM on 30 000 step rows, otherwise these settings): 74.5% against 58.9%,
-    greedy 71.5%; with the classifier head 47.0%."""
+    greedy 71.5%; with the classifier head 47.0%. Passed under pytest in sessions 4 and 5."""
     policy = think_sft
     prm = (polm.Pipeline(str(policy))
            .add("prm", data="polm:arithmetic-steps", head="likelihood", max_steps=300, batch_size=32, lr=5e-5,
