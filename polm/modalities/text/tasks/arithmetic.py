@@ -20,6 +20,9 @@ The test split is a fixed pool of ``TEST_POOL_SIZE`` distinct questions drawn
 from its own random stream; ``size`` takes a prefix of it. The train split
 comes from another stream and skips every question of the pool, so the splits
 never share a prompt (train may repeat its own prompts: level 1 has only 155).
+
+``polm:arithmetic-worked`` asks the same questions with worked solutions in the
+``<think>``/``<answer>`` format of the reasoning stages (:func:`arithmetic_worked_rows`).
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ def _worked_steps(question: _Question) -> list[str]:
     """The question solved a place value at a time, one operation per line.
 
     ``64 * 6``: ``60 * 6 = 360``, ``4 * 6 = 24``, ``360 + 24 = 384``; ``37 + 48``: ``37 + 40 = 77``,
-    ``77 + 8 = 85``; a one-digit right operand is a single step. Every line is a level 1-2 operation
-    or one on a round number, so the difficulty left is in chaining them.
+    ``77 + 8 = 85``; a one-digit right operand is a single step. Each line but a product's last is a
+    level 1-2 operation or one on a round number; that last line adds a number under 100 to a round one.
     """
     a, op, b = question.a, question.op, question.b
     if op == "*":
@@ -152,7 +155,7 @@ def arithmetic_worked_rows(split: str, size: int | None = None, seed: int = 0) -
 
     Returns:
         Rows ``{"prompt", "completion", "answer", "level"}``, the completion
-        ``<think>37 + 40 = 77\n77 + 8 = 85</think><answer>85</answer>``.
+        ``<think>37 + 40 = 77\\n77 + 8 = 85</think><answer>85</answer>``.
     """
     size = WORKED_TRAIN_SIZE if split == "train" and size is None else size
     rows = []
