@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -143,24 +144,48 @@ def test_unknown_split_names_the_valid_ones():
         load_rows("polm:arithmetic", "validation")
 
 
-def test_worked_arithmetic_solves_the_questions_of_polm_arithmetic_line_by_line():
-    """``polm:arithmetic-worked`` asks polm:arithmetic's questions; each line is right and the answer is the last one's."""
+def _assert_solved_line_by_line(rows: list[dict]) -> None:
+    """Every line of every ``<think>`` holds, the last line's result is the answer, and the rewards give 1.0."""
     from polm.plugins.reasoning.rewards import accuracy_reward, format_reward
 
-    worked, plain = load_rows("polm:arithmetic-worked", "test"), load_rows("polm:arithmetic", "test")
-    assert [(row["prompt"], row["answer"]) for row in worked] == [(row["prompt"], row["answer"]) for row in plain]
-    assert worked[1]["completion"] == "<think>10 * 5 = 50\n6 * 5 = 30\n50 + 30 = 80</think><answer>80</answer>"
-    for row in worked + load_rows("polm:arithmetic-worked", "train")[:2000]:
+    for row in rows:
         lines = row["completion"].removeprefix("<think>").split("</think>")[0].split("\n")
         for line in lines:
             left, op, right, _, result = line.split()
             assert int(result) == {"+": int(left) + int(right), "-": int(left) - int(right),
                                    "*": int(left) * int(right)}[op], (row["prompt"], line)
         assert lines[-1].split()[-1] == row["answer"]
-    completions = [row["completion"] for row in worked]
-    prompts = [row["prompt"] for row in worked]
-    assert accuracy_reward(prompts, completions, answer=[row["answer"] for row in worked]) == [1.0] * len(worked)
-    assert format_reward(prompts, completions) == [1.0] * len(worked)
+    completions, prompts = [row["completion"] for row in rows], [row["prompt"] for row in rows]
+    assert accuracy_reward(prompts, completions, answer=[row["answer"] for row in rows]) == [1.0] * len(rows)
+    assert format_reward(prompts, completions) == [1.0] * len(rows)
+
+
+def test_worked_arithmetic_solves_the_questions_of_polm_arithmetic_line_by_line():
+    """``polm:arithmetic-worked`` asks polm:arithmetic's questions; each line is right and the answer is the last one's."""
+    worked, plain = load_rows("polm:arithmetic-worked", "test"), load_rows("polm:arithmetic", "test")
+    assert [(row["prompt"], row["answer"]) for row in worked] == [(row["prompt"], row["answer"]) for row in plain]
+    assert worked[1]["completion"] == "<think>10 * 5 = 50\n6 * 5 = 30\n50 + 30 = 80</think><answer>80</answer>"
+    _assert_solved_line_by_line(worked + load_rows("polm:arithmetic-worked", "train")[:2000])
+
+
+def test_arithmetic_paths_solve_each_question_along_one_of_several_ways():
+    """``polm:arithmetic-paths`` asks polm:arithmetic-worked's questions along varied paths: a sum of two
+    two-digit numbers has three (place value first, units first, tens and units apart), each drawn
+    about a third of the time; the rows are the same on every call."""
+    paths = load_rows("polm:arithmetic-paths", "train")[:3000]
+    worked = load_rows("polm:arithmetic-worked", "train")[:3000]
+    assert [row["prompt"] for row in paths] == [row["prompt"] for row in worked]
+    assert load_rows("polm:arithmetic-paths", "train")[:3000] == paths
+    _assert_solved_line_by_line(paths + load_rows("polm:arithmetic-paths", "test"))
+    ways = Counter()
+    for row in paths:
+        a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+        if row["level"] == 3 and op == "+" and not b.endswith("0"):  # a round right operand leaves one way
+            first_step = row["completion"].removeprefix("<think>").split(" = ")[0]
+            ways[{f"{a} + {b[0]}0": "place value", f"{a} + {b[1]}": "units first",
+                  f"{a[0]}0 + {b[0]}0": "apart"}[first_step]] += 1
+    assert set(ways) == {"place value", "units first", "apart"}
+    assert min(ways.values()) > sum(ways.values()) / 5, ways
 
 
 # Encoding

@@ -2,7 +2,7 @@
 
 This package is a built-in plugin: it registers the ``polm-tiny`` model, the
 encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
-datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-prefs``, ``polm:arithmetic-think``,
+datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-paths``, ``polm:arithmetic-prefs``, ``polm:arithmetic-think``,
 ``polm:arithmetic-steps``, ``polm:shapes`` and ``polm:tones``.
 """
 
@@ -36,6 +36,7 @@ def polm_register_encoders(register: Register) -> None:
 def polm_register_datasets(register: Register) -> None:
     from polm.modalities.audio.tones import tones_caption_rows, tones_rows
     from polm.modalities.text.tasks.arithmetic import (
+        arithmetic_paths_rows,
         arithmetic_preference_rows,
         arithmetic_rows,
         arithmetic_worked_rows,
@@ -50,6 +51,11 @@ def polm_register_datasets(register: Register) -> None:
         "arithmetic-worked",
         BundledDataset(partial(arithmetic_worked_rows),
                        description="polm:arithmetic's questions with <think> steps </think><answer> solutions"),
+    )
+    register(
+        "arithmetic-paths",
+        BundledDataset(partial(arithmetic_paths_rows),
+                       description="polm:arithmetic-worked with each solution along one of several valid paths"),
     )
     register("shapes", BundledDataset(shapes_rows, description=(
         "images of coloured shapes (PIL) with questions on colour, shape, count and position")))

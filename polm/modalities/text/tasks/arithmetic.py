@@ -22,12 +22,14 @@ comes from another stream and skips every question of the pool, so the splits
 never share a prompt (train may repeat its own prompts: level 1 has only 155).
 
 ``polm:arithmetic-worked`` asks the same questions with worked solutions in the
-``<think>``/``<answer>`` format of the reasoning stages (:func:`arithmetic_worked_rows`).
+``<think>``/``<answer>`` format of the reasoning stages (:func:`arithmetic_worked_rows`);
+``polm:arithmetic-paths`` solves each along one of its several valid paths (:func:`arithmetic_paths_rows`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SPLITS = ("train", "test")
@@ -122,28 +124,54 @@ def worked_solution(steps: list[str], answer: str) -> str:
     return "<think>" + "\n".join(steps) + f"</think><answer>{answer}</answer>"
 
 
-def _worked_steps(question: _Question) -> list[str]:
-    """The question solved a place value at a time, one operation per line.
+def _solution_paths(question: _Question) -> list[list[str]]:
+    """The ways polm solves ``question`` step by step, one operation per line; the first works a place value at a time.
 
-    ``64 * 6``: ``60 * 6 = 360``, ``4 * 6 = 24``, ``360 + 24 = 384``; ``37 + 48``: ``37 + 40 = 77``,
-    ``77 + 8 = 85``; a one-digit right operand is a single step. Each line but a product's last is a
-    level 1-2 operation or one on a round number; that last line adds a number under 100 to a round one.
+    Place value first (:func:`arithmetic_worked_rows`): ``64 * 6``: ``60 * 6 = 360``, ``4 * 6 = 24``,
+    ``360 + 24 = 384``; ``37 + 48``: ``37 + 40 = 77``, ``77 + 8 = 85``; a one-digit right operand is a
+    single step. Each line but a product's last is a level 1-2 operation or one on a round number; that
+    last line adds a number under 100 to a round one. The other paths take the units first
+    (``37 + 8 = 45``, ``45 + 40 = 85``; ``4 * 6 = 24``, ``60 * 6 = 360``, ``24 + 360 = 384``), add the
+    tens and the units of both operands apart (``30 + 40 = 70``, ``7 + 8 = 15``, ``70 + 15 = 85``), or add
+    a one-digit number to the units of a two-digit one (``2 + 3 = 5``, ``60 + 5 = 65`` for ``62 + 3``).
     """
-    a, op, b = question.a, question.op, question.b
+    a, op, b, answer = question.a, question.op, question.b, question.answer
     if op == "*":
         tens, units = a // 10 * 10, a % 10
-        steps = [f"{tens} * {b} = {tens * b}"]
-        if units:
-            steps += [f"{units} * {b} = {units * b}", f"{tens * b} + {units * b} = {question.answer}"]
-        return steps
+        if not units:
+            return [[f"{tens} * {b} = {answer}"]]
+        return [[f"{tens} * {b} = {tens * b}", f"{units} * {b} = {units * b}", f"{tens * b} + {units * b} = {answer}"],
+                [f"{units} * {b} = {units * b}", f"{tens} * {b} = {tens * b}", f"{units * b} + {tens * b} = {answer}"]]
     if b < 10:
-        return [f"{a} {op} {b} = {question.answer}"]
+        paths = [[f"{a} {op} {b} = {answer}"]]
+        if op == "+" and a % 10:
+            tens_a, units_a = a // 10 * 10, a % 10
+            if tens_a:
+                paths.append([f"{units_a} + {b} = {units_a + b}", f"{tens_a} + {units_a + b} = {answer}"])
+        return paths
     tens, units = b // 10 * 10, b % 10
-    middle = OPERATIONS[op](a, tens)
-    steps = [f"{a} {op} {tens} = {middle}"]
-    if units:
-        steps.append(f"{middle} {op} {units} = {question.answer}")
-    return steps
+    if not units:
+        return [[f"{a} {op} {b} = {answer}"]]
+    operation = OPERATIONS[op]
+    tens_first, units_first = operation(a, tens), operation(a, units)
+    paths = [[f"{a} {op} {tens} = {tens_first}", f"{tens_first} {op} {units} = {answer}"],
+             [f"{a} {op} {units} = {units_first}", f"{units_first} {op} {tens} = {answer}"]]
+    if op == "+":
+        tens_a, units_a = a // 10 * 10, a % 10
+        paths.append([f"{tens_a} + {tens} = {tens_a + tens}", f"{units_a} + {units} = {units_a + units}",
+                      f"{tens_a + tens} + {units_a + units} = {answer}"])
+    return paths
+
+
+def _solved_rows(split: str, size: int | None, seed: int, choose: Callable[[list[list[str]]], list[str]]) -> list[dict]:
+    """Rows of :func:`arithmetic_rows` with a ``completion`` solving each along ``choose(paths)``."""
+    size = WORKED_TRAIN_SIZE if split == "train" and size is None else size
+    rows = []
+    for question in _questions(split, size, seed):
+        row = question.row()
+        row["completion"] = worked_solution(choose(_solution_paths(question)), row["answer"])
+        rows.append(row)
+    return rows
 
 
 def arithmetic_worked_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
@@ -151,19 +179,32 @@ def arithmetic_worked_rows(split: str, size: int | None = None, seed: int = 0) -
 
     The same arguments give the same questions as :func:`arithmetic_rows`, so the test split is
     polm:arithmetic's; the train split defaults to 50 000 rows (a few hundred SFT steps of 32 then
-    never repeat a question) and Raises are those of :func:`arithmetic_rows`.
+    never repeat a question) and Raises are those of :func:`arithmetic_rows`. Every solution works a
+    place value at a time, so a question has exactly one.
 
     Returns:
         Rows ``{"prompt", "completion", "answer", "level"}``, the completion
         ``<think>37 + 40 = 77\\n77 + 8 = 85</think><answer>85</answer>``.
     """
-    size = WORKED_TRAIN_SIZE if split == "train" and size is None else size
-    rows = []
-    for question in _questions(split, size, seed):
-        row = question.row()
-        row["completion"] = worked_solution(_worked_steps(question), row["answer"])
-        rows.append(row)
-    return rows
+    return _solved_rows(split, size, seed, lambda paths: paths[0])
+
+
+def arithmetic_paths_rows(split: str, size: int | None = None, seed: int = 0) -> list[dict]:
+    """:func:`arithmetic_worked_rows` with each solution along one of the question's paths, drawn at random.
+
+    Levels 2-4 have two or three valid ways to a question (place value first, units first, tens and
+    units apart: :func:`_solution_paths`). A model fine-tuned on them samples several ways to one answer
+    and slips in different places on each, which is what majority voting (self-consistency, Wang et al.
+    2022, arXiv:2203.11171) and GRPO, which learns the way the model executes best, have to work with.
+    Arguments, defaults and Raises are those of :func:`arithmetic_worked_rows`; the same arguments give
+    the same rows.
+
+    Returns:
+        Rows ``{"prompt", "completion", "answer", "level"}``, e.g. the completion of ``What is 37 + 48?``
+        ``<think>37 + 8 = 45\\n45 + 40 = 85</think><answer>85</answer>``.
+    """
+    rng = random.Random(f"polm-arithmetic:{seed}:{split}:paths")
+    return _solved_rows(split, size, seed, rng.choice)
 
 
 def _wrong_answer(question: _Question, rng: random.Random) -> int:
