@@ -2,8 +2,9 @@
 
 This package is a built-in plugin: it registers the ``polm-tiny`` model, the
 encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
-datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-paths``, ``polm:arithmetic-prefs``, ``polm:arithmetic-think``,
-``polm:arithmetic-steps``, ``polm:shapes`` and ``polm:tones``.
+datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-paths``,
+``polm:arithmetic-prefs``, ``polm:arithmetic-think``, ``polm:arithmetic-steps``, ``polm:shapes`` and
+``polm:tones``.
 """
 
 from __future__ import annotations

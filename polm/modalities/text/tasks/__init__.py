@@ -8,5 +8,5 @@ from polm.modalities.text.tasks.arithmetic import (
 )
 from polm.modalities.text.tasks.arithmetic_chains import arithmetic_step_rows, arithmetic_think_rows
 
-__all__ = ["arithmetic_paths_rows", "arithmetic_preference_rows", "arithmetic_rows", "arithmetic_step_rows", "arithmetic_think_rows",
-           "arithmetic_worked_rows"]
+__all__ = ["arithmetic_paths_rows", "arithmetic_preference_rows", "arithmetic_rows", "arithmetic_step_rows",
+           "arithmetic_think_rows", "arithmetic_worked_rows"]

@@ -140,14 +140,14 @@ def _solution_paths(question: _Question) -> list[list[str]]:
         tens, units = a // 10 * 10, a % 10
         if not units:
             return [[f"{tens} * {b} = {answer}"]]
-        return [[f"{tens} * {b} = {tens * b}", f"{units} * {b} = {units * b}", f"{tens * b} + {units * b} = {answer}"],
-                [f"{units} * {b} = {units * b}", f"{tens} * {b} = {tens * b}", f"{units * b} + {tens * b} = {answer}"]]
+        tens_line, units_line = f"{tens} * {b} = {tens * b}", f"{units} * {b} = {units * b}"
+        return [[tens_line, units_line, f"{tens * b} + {units * b} = {answer}"],
+                [units_line, tens_line, f"{units * b} + {tens * b} = {answer}"]]
     if b < 10:
         paths = [[f"{a} {op} {b} = {answer}"]]
-        if op == "+" and a % 10:
+        if op == "+" and a > 10 and a % 10:  # a round or one-digit left operand has no units to add to
             tens_a, units_a = a // 10 * 10, a % 10
-            if tens_a:
-                paths.append([f"{units_a} + {b} = {units_a + b}", f"{tens_a} + {units_a + b} = {answer}"])
+            paths.append([f"{units_a} + {b} = {units_a + b}", f"{tens_a} + {units_a + b} = {answer}"])
         return paths
     tens, units = b // 10 * 10, b % 10
     if not units:
