@@ -29,7 +29,8 @@ from polm.plugins.finetuning.sft.loss import completion_loss
 def mixed_length_rows(count: int, seed: int = 0) -> list[dict]:
     """Prompt/completion rows whose lengths follow a long tail (most short, a few long)."""
     rng = random.Random(seed)
-    words = "the sum of seven and five is twelve while nine minus four leaves five".split()
+    words = ["the", "sum", "of", "seven", "and", "five", "is", "twelve", "while", "nine", "minus", "four",
+             "leaves", "five"]
     rows = []
     for _ in range(count):
         length = min(180, int(rng.paretovariate(1.2) * 6))
