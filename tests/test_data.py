@@ -172,11 +172,11 @@ def test_arithmetic_paths_solve_each_question_along_one_of_several_ways():
     """``polm:arithmetic-paths`` asks polm:arithmetic-worked's questions along varied paths: a sum of two
     two-digit numbers has three (place value first, units first, tens and units apart), each drawn
     about a third of the time; the rows are the same on every call."""
-    paths = load_rows("polm:arithmetic-paths", "train")[:3000]
-    worked = load_rows("polm:arithmetic-worked", "train")[:3000]
-    assert [row["prompt"] for row in paths] == [row["prompt"] for row in worked]
+    paths, paths_test = load_rows("polm:arithmetic-paths", "train")[:3000], load_rows("polm:arithmetic-paths", "test")
+    worked = load_rows("polm:arithmetic-worked", "train")[:3000] + load_rows("polm:arithmetic-worked", "test")
+    assert [row["prompt"] for row in paths + paths_test] == [row["prompt"] for row in worked]
     assert load_rows("polm:arithmetic-paths", "train")[:3000] == paths
-    _assert_solved_line_by_line(paths + load_rows("polm:arithmetic-paths", "test"))
+    _assert_solved_line_by_line(paths + paths_test)
     ways = Counter()
     for row in paths:
         a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()

@@ -88,7 +88,7 @@ def test_grpo_raises_held_out_reward_and_exact_match_on_polm_arithmetic_by_five_
     """The recipe's GRPO stage (accuracy and format rewards) from its SFT on polm:arithmetic-paths, scored
     greedily on polm:arithmetic's 300 held-out questions. Measured under pytest: exact_match 69.3% -> 75.7%,
     mean reward 0.893 -> 0.957, level 2 83.0% -> 98.1%, level 4 24.5% -> 36.7%, level 3 60.7% -> 56.2%;
-    444 s with both evaluations. From 650 SFT steps (82.0%) it ended at 80.3%."""
+    416-444 s with both evaluations. From 650 SFT steps (82.0%) it ended at 80.3%."""
     recipe = load_recipe(REASONING_RECIPE)
     recipe.model, recipe.stages, recipe.stage_lines = str(paths_sft), recipe.stages[2:], recipe.stage_lines[2:]
     grpo = recipe.pipeline().run(tmp_path / "grpo", evaluate_before=True).stages[0]
@@ -97,16 +97,14 @@ def test_grpo_raises_held_out_reward_and_exact_match_on_polm_arithmetic_by_five_
         before, after = grpo.before[metric], grpo.metrics[f"eval/{metric}"]
         assert after >= before + 0.05, f"held-out {metric} {before:.3f} after SFT, {after:.3f} after GRPO"
     assert grpo.metrics["eval/reward/format"] >= 0.99, "the solutions keep the <think>/<answer> format"
-    assert [row["prompt"] for row in load_rows("polm:arithmetic-paths", "test")] == [
-        row["prompt"] for row in load_rows("polm:arithmetic", "test")]
 
 
 @pytest.mark.slow
 def test_self_consistency_beats_greedy_decoding_of_the_same_checkpoint(long_paths_sft):
     """k=8 samples at temperature 0.3, majority vote on the extracted answer, against greedy decoding of the
     same checkpoint (``long_paths_sft``) on polm:arithmetic's 300 held-out questions, for each of three
-    sampling seeds. Measured by script (2 threads, these settings): greedy 92.3%, self-consistency
-    93.7 / 93.7 / 94.7% (at temperature 0.5: 92.0 / 94.0 / 93.3%). On the recipe's 550-step checkpoint
+    sampling seeds. Measured under pytest: greedy 92.3%, self-consistency 93.7 / 93.7 / 94.7%; by script
+    at temperature 0.5, 92.0 / 94.0 / 93.3%. On the recipe's 550-step checkpoint
     (greedy 69.3%) no temperature beats greedy on all three seeds: 68.7 / 70.3 / 70.3% at 0.3, 66.0-68.7% at
     0.7, 56.7-60.0% at 1.0; nor on its GRPO stage's result (greedy 77.3%, 76.7-77.3% at 0.3)."""
     model, tokenizer = polm.load_model(long_paths_sft)
