@@ -131,6 +131,24 @@ def test_dpo_stage_lowers_the_loss_on_fixed_pairs_and_logs_metrics(random_model,
     assert PreferenceStage.headline_metric == "reward_accuracy"
 
 
+def test_nll_weight_adds_the_chosen_answers_per_token_nll(random_model, tokenizer, prefs, tmp_path):
+    """Step 1 with ``nll_weight: 0.5`` on all eight pairs at once: ln 2 (the policy is its own reference) plus
+    0.5 x the mean over pairs of -(log-prob of the chosen answer / its token count) under the starting model."""
+    rows, _ = prefs
+    start = copy.deepcopy(random_model).eval()
+    batch = collate_pairs([encode_pair(tokenizer, row, 512) for row in rows], tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen_logps = sequence_logps(start, batch, average=True).chunk(2)[0]  # (8,) per-token means
+    nll = float(-chosen_logps.mean())
+    polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "dpo", data=rows, eval_size=0, max_steps=1, batch_size=8, lr=1e-2, log_every=1, nll_weight=0.5,
+        objective_options={"beta": 1.0},
+    ).run(tmp_path / "run")
+    logged = records(tmp_path / "run")[0]
+    assert_close(logged["chosen_nll"], nll, rtol=1e-5, atol=1e-5)
+    assert_close(logged["loss"], math.log(2.0) + 0.5 * nll, rtol=1e-5, atol=1e-5)
+
+
 def test_held_out_reward_accuracy_compares_implicit_rewards(random_model, tokenizer, prefs, tmp_path):
     """eval/reward_accuracy is the fraction of held-out pairs with (policy - start) of chosen above rejected.
 
@@ -200,6 +218,7 @@ def test_third_party_objective_is_selected_by_name_and_runs(random_model, tokeni
      r"objective 'dpo': unknown option 'betta'\. Did you mean 'beta'\? Valid options: beta, label_smoothing"),
     ({"objective_options": {"label_smoothing": 0.7}}, r"objective 'dpo': 'label_smoothing' must be in \[0, 0\.5\)"),
     ({"objective": "orpo", "objective_options": {"beta": 0.1}}, r"Valid options: lambda_"),
+    ({"nll_weight": -1.0}, r"'nll_weight' must be non-negative, got -1\.0"),
 ])
 def test_bad_objective_or_options_fail_when_the_stage_is_added(tokenizer, prefs, options, message):
     rows, _ = prefs

@@ -1,7 +1,8 @@
 """Learning tests on the shipped polm-tiny: post-training moves the metric it should move.
 
-The quickstart recipe runs once per session (the ``quickstart_run`` fixture of
-conftest, about two minutes on two CPU cores); the LoRA comparison adds about two minutes.
+The quickstart recipe runs once per session (the ``quickstart_run`` fixture of conftest, about five minutes
+on two CPU cores); the LoRA comparison adds about as much. Figures by seed and thread count come from
+``python -m tests.seed_sweep`` (README, "Run the tests").
 """
 
 from __future__ import annotations
@@ -13,36 +14,57 @@ from polm.engine.plugins import registry
 LORA = {"r": 8, "alpha": 16}
 
 
-def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart_run):
-    """Held-out exact_match on polm:arithmetic rises from under 10% (the base) to over 50% after SFT."""
+def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart_run, record_property):
+    """Held-out exact_match on polm:arithmetic rises from under 10% (the base) to at least 75% after SFT.
+
+    Measured at one thread: 88.0% / 84.3% / 87.0% at seeds 0 / 1 / 2 (level 3 96.6 / 91.0 / 98.9%, level 4
+    34.7 / 26.5 / 30.6%). At the former 1200 steps: 77.0% / 60.7% / 42.7%, and 63.7% on another CPU.
+    """
     _, result = quickstart_run
     before = result.stages[0].before["exact_match"]
     after = result.stages[0].metrics["eval/exact_match"]
-    assert before < 0.10 and after > 0.50, f"exact_match before {before:.1%}, after {after:.1%}"
+    record_property("before", before)
+    record_property("after", after)
+    for level in range(1, 5):
+        record_property(f"level_{level}", result.stages[0].metrics[f"eval/exact_match/level_{level}"])
+    assert before < 0.10 and after >= 0.75, f"exact_match before {before:.1%}, after {after:.1%}"
 
 
-def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(quickstart_run, tmp_path):
-    """LoRA at the quickstart's step budget reaches full SFT's exact_match minus at most 10 points."""
+def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(quickstart_run, seed, tmp_path,
+                                                                              record_property):
+    """LoRA at the quickstart's step budget reaches full SFT's exact_match minus at most 10 points.
+
+    Measured at one thread: lora 90.7% / 91.0% against full 88.0% / 84.3% at seeds 0 / 1.
+    """
     recipe, full = quickstart_run
     options = {key: value for key, value in recipe.stages[0].items() if key != "name"}
     options.update(lr=3e-3, tuning="lora", tuning_options=LORA)
-    lora = polm.Pipeline("polm-tiny").add("sft", **options).run(tmp_path / "lora")
+    lora = polm.Pipeline("polm-tiny", seed=seed).add("sft", **options).run(tmp_path / "lora")
 
     method = registry("tuning_methods").get("lora")
     trainable, total = count_parameters(method.prepare(polm.load_model("polm-tiny")[0], method.Options(**LORA)))
     full_score = full.stages[0].metrics["eval/exact_match"]
     lora_score = lora.stages[0].metrics["eval/exact_match"]
+    record_property("full", full_score)
+    record_property("lora", lora_score)
     assert trainable / total < 0.05, f"lora trains {trainable / total:.2%} of the parameters"
     assert lora_score >= full_score - 0.10, f"lora {lora_score:.1%} vs full {full_score:.1%}"
 
 
-def test_rft_raises_exact_match_over_its_sft_starting_point(quickstart_run, sft_checkpoint, tmp_path):
+def test_rft_raises_exact_match_over_its_sft_starting_point(short_sft_run, seed, tmp_path, record_property):
     """Three rounds of rejection sampling (8 samples of 2048 training prompts, the stage's defaults) and
-    fine-tuning on the accepted answers raise held-out exact_match above the SFT checkpoint's."""
-    _, sft = quickstart_run
-    start = sft.stages[0].metrics["eval/exact_match"]
-    result = polm.Pipeline(sft_checkpoint).add(
+    fine-tuning on the accepted answers raise held-out exact_match by at least 2 points over the short SFT
+    it starts from (``short_sft_run``: the format learned, the carries not), STaR's setting.
+
+    Measured (one thread, by script): seed 0 27.3% -> 31.0%, seed 1 36.3% -> 41.0%, gains mostly on
+    level 2. From the converged quickstart model there is nothing to bootstrap: 88.0% -> 87.3% and
+    84.3% -> 82.3%, and skipping prompts solved every time (max_pass_rate 0.875 or 0.5) did not help.
+    """
+    start = short_sft_run.stages[0].metrics["eval/exact_match"]
+    result = polm.Pipeline(short_sft_run.checkpoint, seed=seed).add(
         "rft", data="polm:arithmetic", reward="accuracy", max_new_tokens=8, batch_size=32, eval_size=300,
     ).run(tmp_path / "rft")
     after = result.stages[0].metrics["eval/exact_match"]
-    assert after > start, f"exact_match {start:.1%} after SFT, {after:.1%} after RFT"
+    record_property("sft", start)
+    record_property("rft", after)
+    assert after >= start + 0.02, f"exact_match {start:.1%} after SFT, {after:.1%} after RFT"

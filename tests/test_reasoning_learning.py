@@ -27,16 +27,18 @@ from polm.plugins.reasoning.scaling import pick_best, scaled_exact_match
 REASONING_RECIPE = Path(__file__).parents[1] / "examples" / "recipes" / "reasoning.yaml"
 
 
-def test_grpo_raises_the_reward_of_its_training_prompts(sft_checkpoint, tmp_path):
+def test_grpo_raises_the_reward_of_its_training_prompts(sft_checkpoint, seed, tmp_path, record_property):
     """16 hard questions (levels 3-4), 8 samples each per step; the rollouts' accuracy rises."""
     rows = [row for row in arithmetic_rows("train", 400) if row["level"] >= 3][:16]
-    (polm.Pipeline(sft_checkpoint)
+    (polm.Pipeline(sft_checkpoint, seed=seed)
      .add("grpo", data=rows, batch_size=16, num_generations=8, max_steps=40, lr=3e-5, lr_scheduler="constant",
           rewards={"accuracy": 1.0, "format": 0.2}, reward_options={"format": {"pattern": r"-?\d+"}},
           max_new_tokens=8, log_every=10, eval_size=0)
      .run(tmp_path / "run"))
     records = [json.loads(line) for line in (tmp_path / "run/00-grpo/metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["reward/accuracy"], records[-1]["reward/accuracy"]
+    record_property("accuracy_first", first)
+    record_property("accuracy_last", last)
     assert records[-1]["reward/format"] >= 0.99, "the answers stay bare numbers"
     assert last >= first + 0.10, f"rollout accuracy over steps 1-10 {first:.1%}, over steps 31-40 {last:.1%}"
 
@@ -47,10 +49,11 @@ def test_reasoning_recipe_is_valid():
     assert [stage.name for stage in pipeline.stages] == ["sft", "sft", "grpo"]
 
 
-def _recipe_paths_sft(sft_checkpoint: Path, output_dir: Path, max_steps: int | None = None) -> Path:
-    """The recipe's second stage (SFT on polm:arithmetic-paths) from its first, the quickstart's SFT;
-    ``max_steps`` replaces the recipe's 550."""
+def _recipe_paths_sft(sft_checkpoint: Path, seed: int, output_dir: Path, max_steps: int | None = None) -> Path:
+    """The recipe's second stage (SFT on polm:arithmetic-paths) from its first, the quickstart's SFT, at the
+    learning tests' ``seed``; ``max_steps`` replaces the recipe's 550."""
     recipe = load_recipe(REASONING_RECIPE)
+    recipe.seed = seed
     assert [stage["name"] for stage in recipe.stages] == ["sft", "sft", "grpo"]
     recipe.model, recipe.stages, recipe.stage_lines = str(sft_checkpoint), recipe.stages[1:2], recipe.stage_lines[1:2]
     if max_steps is not None:
@@ -59,48 +62,52 @@ def _recipe_paths_sft(sft_checkpoint: Path, output_dir: Path, max_steps: int | N
 
 
 @pytest.fixture(scope="module")
-def paths_sft(sft_checkpoint, tmp_path_factory):
+def paths_sft(sft_checkpoint, seed, tmp_path_factory):
     """The recipe's stage 2 as written (550 steps, about 69% held-out exact_match): GRPO's start."""
-    return _recipe_paths_sft(sft_checkpoint, tmp_path_factory.mktemp("reasoning") / "sft")
+    return _recipe_paths_sft(sft_checkpoint, seed, tmp_path_factory.mktemp("reasoning") / "sft")
 
 
 @pytest.fixture(scope="module")
-def long_paths_sft(sft_checkpoint, tmp_path_factory):
+def long_paths_sft(sft_checkpoint, seed, tmp_path_factory):
     """The recipe's stage 2 trained 900 steps (about 92%). Stage 2 stops at 550 to leave GRPO room; at 550
     steps a temperature-0.3 sample is right less often than the greedy solution (65% against 69%), so a
     vote of them does not beat greedy, while at 900 steps the samples are nearly as good (91% against 92%)
     and slip on different questions, which is what self-consistency needs."""
-    return _recipe_paths_sft(sft_checkpoint, tmp_path_factory.mktemp("reasoning") / "long-sft", max_steps=900)
+    return _recipe_paths_sft(sft_checkpoint, seed, tmp_path_factory.mktemp("reasoning") / "long-sft", max_steps=900)
 
 
 @pytest.fixture(scope="module")
-def think_sft(sft_checkpoint, tmp_path_factory):
+def think_sft(sft_checkpoint, seed, tmp_path_factory):
     """SFT from the quickstart's checkpoint on polm:arithmetic-think, the multi-step questions whose steps
     polm:arithmetic-steps labels (the PRM's training data)."""
-    return (polm.Pipeline(str(sft_checkpoint))
+    return (polm.Pipeline(str(sft_checkpoint), seed=seed)
             .add("sft", data="polm:arithmetic-think", max_steps=300, batch_size=32, lr=1e-3, warmup_ratio=0.05,
                  eval_size=200, max_new_tokens=64)
             .run(tmp_path_factory.mktemp("reasoning") / "think")).stages[0].checkpoint
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_reward_and_exact_match_on_polm_arithmetic_by_five_points(paths_sft, tmp_path):
+def test_grpo_raises_held_out_reward_and_exact_match_on_polm_arithmetic_by_five_points(paths_sft, seed, tmp_path,
+                                                                                        record_property):
     """The recipe's GRPO stage (accuracy and format rewards) from its SFT on polm:arithmetic-paths, scored
     greedily on polm:arithmetic's 300 held-out questions. Measured under pytest: exact_match 69.3% -> 75.7%,
     mean reward 0.893 -> 0.957, level 2 83.0% -> 98.1%, level 4 24.5% -> 36.7%, level 3 60.7% -> 56.2%;
     416-444 s with both evaluations. From 650 SFT steps (82.0%) it ended at 80.3%."""
     recipe = load_recipe(REASONING_RECIPE)
     recipe.model, recipe.stages, recipe.stage_lines = str(paths_sft), recipe.stages[2:], recipe.stage_lines[2:]
+    recipe.seed = seed
     grpo = recipe.pipeline().run(tmp_path / "grpo", evaluate_before=True).stages[0]
     print({key: (round(value, 4), round(grpo.metrics[f"eval/{key}"], 4)) for key, value in grpo.before.items()})
     for metric in ("reward", "exact_match"):
         before, after = grpo.before[metric], grpo.metrics[f"eval/{metric}"]
+        record_property(f"{metric}_before", before)
+        record_property(f"{metric}_after", after)
         assert after >= before + 0.05, f"held-out {metric} {before:.3f} after SFT, {after:.3f} after GRPO"
     assert grpo.metrics["eval/reward/format"] >= 0.99, "the solutions keep the <think>/<answer> format"
 
 
 @pytest.mark.slow
-def test_self_consistency_beats_greedy_decoding_of_the_same_checkpoint(long_paths_sft):
+def test_self_consistency_beats_greedy_decoding_of_the_same_checkpoint(long_paths_sft, record_property):
     """k=8 samples at temperature 0.3, majority vote on the extracted answer, against greedy decoding of the
     same checkpoint (``long_paths_sft``) on polm:arithmetic's 300 held-out questions, for each of three
     sampling seeds. Measured under pytest: greedy 92.3%, self-consistency 93.7 / 93.7 / 94.7%; by script
@@ -116,17 +123,20 @@ def test_self_consistency_beats_greedy_decoding_of_the_same_checkpoint(long_path
         voted.append(scaled_exact_match(model, tokenizer, rows, "self_consistency", max_new_tokens=64, k=8,
                                         temperature=0.3)["exact_match"])
     print(f"greedy {greedy:.4f}, self-consistency {voted}")
+    record_property("greedy", greedy)
+    for sampling_seed, score in enumerate(voted):
+        record_property(f"voted_{sampling_seed}", score)
     assert min(voted) > greedy, f"greedy {greedy:.3f}, self-consistency {voted}"
 
 
 @pytest.mark.slow
-def test_best_of_n_with_the_prm_beats_a_random_pick_of_the_same_samples(think_sft, tmp_path):
+def test_best_of_n_with_the_prm_beats_a_random_pick_of_the_same_samples(think_sft, seed, tmp_path, record_property):
     """A likelihood PRM trained from ``think_sft`` on polm:arithmetic-steps picks the best of
     8 samples (temperature 0.7) per held-out question; a random pick scores the samples' mean accuracy.
     Measured by script (the PRM on 30 000 step rows, otherwise these settings): 74.5% against 58.9%,
     greedy 71.5%; with the classifier head 47.0%. Under pytest: 76.5% against 60.8%."""
     policy = think_sft
-    prm = (polm.Pipeline(str(policy))
+    prm = (polm.Pipeline(str(policy), seed=seed)
            .add("prm", data="polm:arithmetic-steps", head="likelihood", max_steps=300, batch_size=32, lr=5e-5,
                 warmup_ratio=0.05, eval_size=200)
            .run(tmp_path / "prm")).stages[0]
@@ -139,4 +149,6 @@ def test_best_of_n_with_the_prm_beats_a_random_pick_of_the_same_samples(think_sf
     best = pick_best(rows, samples, 8, "prm", {"checkpoint": str(prm.checkpoint)})
     best_of_8 = sum(answers_match(sample, row["answer"]) for sample, row in zip(best, rows)) / len(rows)
     print(f"best-of-8 by the PRM {best_of_8:.4f}, random pick {random_pick:.4f}")
+    record_property("best_of_8", best_of_8)
+    record_property("random_pick", random_pick)
     assert best_of_8 >= random_pick + 0.05, f"best-of-8 by the PRM {best_of_8:.3f}, random pick {random_pick:.3f}"

@@ -42,27 +42,29 @@ RISE = 0.25  # asserted rise of the mean score, half the measured one
 
 
 @pytest.fixture(scope="module")
-def reward_model_run(sft_checkpoint, tmp_path_factory):
+def reward_model_run(sft_checkpoint, seed, tmp_path_factory):
     """The reward_model stage trained on polm:arithmetic-prefs from the SFT model: (its result, its folder)."""
     root = tmp_path_factory.mktemp("rlhf")
-    result = polm.Pipeline(str(sft_checkpoint), seed=0).add("reward_model", **REWARD_MODEL_RECIPE).run(
+    result = polm.Pipeline(str(sft_checkpoint), seed=seed).add("reward_model", **REWARD_MODEL_RECIPE).run(
         root / "run", evaluate_before=True)
     return result, root / "run" / "00-reward_model"
 
 
-def test_reward_model_ranks_held_out_pairs(reward_model_run):
+def test_reward_model_ranks_held_out_pairs(reward_model_run, record_property):
     """At least 80% of the 300 held-out pairs have the correct answer scored above the wrong one."""
     result, _ = reward_model_run
     stage = result.stages[0]
     figures = f"held-out pairwise accuracy {stage.before['accuracy']:.3f} -> {stage.metrics['eval/accuracy']:.3f}"
+    record_property("accuracy_before", stage.before["accuracy"])
+    record_property("accuracy_after", stage.metrics["eval/accuracy"])
     assert stage.metrics["eval/accuracy"] >= 0.8, figures
 
 
-def test_ppo_raises_the_reward_model_score(sft_checkpoint, reward_model_run, tmp_path):
+def test_ppo_raises_the_reward_model_score(sft_checkpoint, reward_model_run, seed, tmp_path, record_property):
     """PPO driven by that reward model: the rollouts' mean score over the last 20% of updates exceeds the
     first 20%'s; the KL to the starting model is logged with every update and stays finite."""
     _, reward_model = reward_model_run
-    polm.Pipeline(str(sft_checkpoint), seed=0).add("ppo", reward_model=str(reward_model), **PPO_RECIPE).run(
+    polm.Pipeline(str(sft_checkpoint), seed=seed).add("ppo", reward_model=str(reward_model), **PPO_RECIPE).run(
         tmp_path / "run")
     records = [r for r in map(json.loads, (tmp_path / "run/00-ppo/metrics.jsonl").read_text().splitlines())
                if "loss" in r]
@@ -70,6 +72,9 @@ def test_ppo_raises_the_reward_model_score(sft_checkpoint, reward_model_run, tmp
     first = sum(r["score"] for r in records[:fifth]) / fifth
     last = sum(r["score"] for r in records[-fifth:]) / fifth
     kl = [r["kl"] for r in records]
+    record_property("score_first", first)
+    record_property("score_last", last)
+    record_property("kl_end", kl[-1])
     figures = f"mean score over the first 20% of updates {first:.3f}, last 20% {last:.3f}; KL at the end {kl[-1]:.3f}"
     assert all(math.isfinite(value) for value in kl), figures
     assert last >= first + RISE, figures

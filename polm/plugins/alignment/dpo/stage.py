@@ -17,6 +17,7 @@ from accelerate import PartialState
 from rich.console import Console
 
 from polm.engine.data import check_data_spec, load_rows, row_format
+from polm.engine.encoding import IGNORE_INDEX
 from polm.engine.evaluation import exact_match
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -39,11 +40,17 @@ class PreferenceOptions(StageOptions):
     precompute_ref: bool = field(default=False, metadata={
         "help": "score every pair under the reference model once before training, then drop its copy "
                 "(ignored by reference-free objectives)"})
+    nll_weight: float = field(default=0.0, metadata={
+        "help": "weight of the chosen answers' per-token negative log-likelihood added to the objective's loss "
+                "(RPO, Pang et al. 2024; TRL's rpo_alpha): it keeps the chosen answers likely, which a "
+                "pairwise loss alone may lower while it widens the margin"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.data is None:
             raise ValueError("option 'data' is required (preference rows, e.g. 'polm:arithmetic-prefs')")
+        if self.nll_weight < 0:
+            raise ValueError(f"'nll_weight' must be non-negative, got {self.nll_weight}")
 
 
 @dataclass
@@ -176,6 +183,11 @@ class PreferenceStage(Stage):
                 ref = batch["ref_logps"] if "ref_logps" in batch else reference.logps(policy, batch)  # (2B,)
                 ref_chosen, ref_rejected = ref.chunk(2)
             loss, metrics = objective.fn(chosen, rejected, ref_chosen, ref_rejected, **options.objective_options)
+            if options.nll_weight:
+                chosen_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0]  # (B,)
+                nll = -(chosen if objective.average_logps else chosen / chosen_tokens).mean()
+                loss = loss + options.nll_weight * nll
+                metrics = {**metrics, "chosen_nll": float(nll.detach())}
             return loss, {**metrics, "chosen_logps": float(chosen.detach().mean()),
                           "rejected_logps": float(rejected.detach().mean())}
 
