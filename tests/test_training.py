@@ -9,10 +9,12 @@ import threading
 
 import pytest
 import torch
+from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import polm
 from polm.engine.encoding import IGNORE_INDEX
+from polm.engine.trainer import optimizer_groups
 from polm.plugins.finetuning.sft.loss import completion_loss
 
 
@@ -129,3 +131,30 @@ def test_output_folder_of_another_run_is_not_overwritten(random_model, tokenizer
     with pytest.raises(polm.PolmError, match="not empty"):
         pipeline.run(tmp_path / "run")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_weight_decay_shrinks_weight_matrices_but_not_norm_weights(random_model):
+    """One AdamW step on zero gradients at lr 0.1 and weight_decay 0.5 scales every weight matrix (and the
+    embedding) by 1 - 0.1 x 0.5 = 0.95 and leaves the RMSNorm weights, the Llama's only 1-D tensors, as
+    they were."""
+    before = {name: parameter.detach().clone() for name, parameter in random_model.named_parameters()}
+    optimizer = torch.optim.AdamW(optimizer_groups(list(random_model.parameters()), 0.5), lr=0.1)
+    for parameter in random_model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    not_decayed = {name for name, parameter in random_model.named_parameters() if parameter.dim() < 2}
+    assert not_decayed and all("norm" in name for name in not_decayed), not_decayed
+    for name, parameter in random_model.named_parameters():
+        assert_close(parameter.detach(), before[name] if name in not_decayed else 0.95 * before[name])
+
+
+def test_the_training_loop_decays_only_weight_matrices(random_model, tokenizer, arithmetic, tmp_path):
+    """The optimizer a stage checkpoints holds two groups: the matrices at the stage's weight_decay, the rest at 0."""
+    rows, _ = arithmetic
+    polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "sft", data=rows, max_steps=2, save_every=1, batch_size=4, eval_size=0, weight_decay=0.1,
+    ).run(tmp_path / "run")
+    groups = torch.load(tmp_path / "run/00-sft/checkpoint-000001/optimizer.pt", weights_only=False)["param_groups"]
+    matrices = sum(parameter.dim() >= 2 for parameter in random_model.parameters())
+    assert [(group["weight_decay"], len(group["params"])) for group in groups] == [
+        (0.1, matrices), (0.0, len(list(random_model.parameters())) - matrices)]

@@ -32,7 +32,8 @@ class StageOptions:
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per device"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay of weight matrices (biases and norm weights are not decayed)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps with linear warm-up"})
     lr_scheduler: str = field(default="cosine", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})

@@ -101,6 +101,20 @@ def make_accelerator(mixed_precision: str, project_dir: Path) -> Accelerator:
     return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(project_dir))
 
 
+def optimizer_groups(parameters: Sequence[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``weight_decay`` on weight matrices (and other tensors of two or more
+    dimensions: embeddings, LoRA factors, resampler queries), none on biases, norm weights and scalar gates.
+
+    Decaying a norm's gain or a bias pulls it towards zero, which is no regularisation of the function the
+    model computes (transformers' Trainer and nanoGPT exclude them too; nanoGPT by the same dimension rule).
+    Empty groups are left out.
+    """
+    decayed = [parameter for parameter in parameters if parameter.dim() >= 2]
+    not_decayed = [parameter for parameter in parameters if parameter.dim() < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def total_steps(options: StageOptions, micro_batches_per_epoch: int) -> int:
     if options.max_steps:
         return options.max_steps
@@ -173,7 +187,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     trainable += list(task.extra_parameters)
     if not trainable:
         raise PolmError(f"stage '{name}': the tuning method left no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(trainable, options.weight_decay), lr=options.lr)
     order = _RowOrder(len(task.rows), options.batch_size * accelerator.num_processes, context.seed)
     steps = total_steps(options, order.per_epoch)
     scheduler = get_scheduler(
