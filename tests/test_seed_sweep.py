@@ -31,6 +31,19 @@ def test_each_cell_runs_with_its_seed_and_threads_and_reports_failures(tmp_path)
     assert all(cell["figures"] == {"seed": str(cell["seed"]), "threads": str(cell["threads"])} for cell in cells)
 
 
+def test_earlier_reports_are_tabulated_without_running(tmp_path):
+    """--reports reads the cells' JUnit reports back: the same cells, outcomes and figures as the sweep's JSON."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(PROBE)
+    seed_sweep.main([str(probe), "--seeds", "0", "1", "--threads", "1", "--out", str(tmp_path / "out"),
+                     "--json", str(tmp_path / "ran.json")])
+    status = seed_sweep.main(["--reports", str(tmp_path / "out"), "--json", str(tmp_path / "read.json")])
+    assert status == 1  # seed 1 failed
+    ran, read = (sorted(json.loads((tmp_path / name).read_text()), key=lambda cell: cell["seed"])
+                 for name in ("ran.json", "read.json"))
+    assert read == ran and len(read) == 2
+
+
 def test_a_non_empty_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "earlier.log").write_text("kept")
     with pytest.raises(SystemExit) as exit_info:
