@@ -271,3 +271,25 @@ def test_completion_row_without_chat_template_is_plain_text(tokenizer):
     example = encode_row(plain, {"prompt": "What is 12 + 7? ", "completion": "19"})
     assert tokenizer.decode(example.input_ids) == "What is 12 + 7? 19<|end|>"
     assert labelled_spans(tokenizer, example) == ["19<|end|>"]
+
+
+LONG_PROMPT = "What is " + " + ".join(["1"] * 40) + "?"  # about 90 tokens: no room for the answer in 32
+
+
+@pytest.mark.parametrize("stage, row_of", [
+    ("sft", lambda prompt, ok: {"prompt": prompt, "completion": "2" if ok else "3"}),
+    ("dpo", lambda prompt, ok: {"prompt": prompt, "chosen": "2", "rejected": "3"}),
+    ("reward_model", lambda prompt, ok: {"prompt": prompt, "chosen": "2", "rejected": "3"}),
+    ("kto", lambda prompt, ok: {"prompt": prompt, "completion": "2" if ok else "3", "label": ok}),
+])
+def test_rows_longer_than_max_length_follow_one_policy(stage, row_of, random_model, tokenizer, tmp_path, caplog):
+    """Every stage skips the rows that keep no completion token within max_length, with one warning that
+    counts them, and stops with an error naming max_length when no row is left."""
+    rows = [row_of("What is 1 + 1?", ok) for ok in (True, False, True, False)] + [row_of(LONG_PROMPT, True)]
+    options = {"max_length": 32, "max_steps": 1, "batch_size": 2, "eval_size": 0}
+    with caplog.at_level("WARNING", logger="polm"):
+        polm.Pipeline(random_model, tokenizer=tokenizer).add(stage, data=rows, **options).run(tmp_path / "run")
+    assert [record.getMessage() for record in caplog.records if record.name == "polm"] == [
+        f"{stage}: 1 of 5 rows of data keep no completion token within max_length=32 and were skipped"]
+    with pytest.raises(polm.PolmError, match=f"{stage}: no row of data keeps a completion token within max_length=32"):
+        polm.Pipeline(random_model, tokenizer=tokenizer).add(stage, data=rows[-1:], **options).run(tmp_path / "none")

@@ -20,14 +20,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from polm.engine.data import Row, row_format
 from polm.engine.errors import PolmError
+from polm.engine.log import get_logger
 
 IGNORE_INDEX = -100
+EncodedRow = TypeVar("EncodedRow")
 #: The placeholder id of each media part in ``input_ids``; LLaVA's convention of ids below any vocabulary.
 MEDIA_TOKEN_IDS = {"image": -200, "audio": -201}
 _MEDIA_MARKERS = {f"<|{kind}|>": token_id for kind, token_id in MEDIA_TOKEN_IDS.items()}
@@ -204,7 +206,7 @@ def encode_row(tokenizer: Any, row: Row) -> Encoded:
 
 
 def truncate(example: Encoded, max_length: int) -> Encoded | None:
-    """Cut to ``max_length`` tokens; None if no labelled token survives."""
+    """Cut to ``max_length`` tokens; None if no labelled token survives (see :func:`keep_rows_that_fit`)."""
     labels = example.labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
@@ -233,3 +235,33 @@ def pad_batch(examples: Sequence[Encoded], pad_token_id: int) -> dict[str, Any]:
     if any(example.media for example in examples):
         batch["media"] = MediaBatch(example.media for example in examples)
     return batch
+
+
+def keep_rows_that_fit(owner: str, encoded: Sequence[EncodedRow | None], max_length: int,
+                       what: str = "data") -> list[EncodedRow]:
+    """The one policy of every stage for rows longer than ``max_length`` tokens.
+
+    A longer row keeps its first ``max_length`` tokens (:func:`truncate`): the prompt and the start of the
+    completion. A row left with no completion token (for a pair, on either side) teaches nothing and is
+    skipped; one warning counts the skipped rows, and a stage left with none stops with an error.
+
+    Args:
+        owner: the stage's name, for messages.
+        encoded: each row as the stage encoded it, None where it kept no completion token.
+        max_length: the stage's ``max_length``, for messages.
+        what: which rows (``"data"``, ``"eval_data"``), for messages.
+
+    Returns:
+        The rows that are not None, in order.
+
+    Raises:
+        PolmError: no row keeps a completion token.
+    """
+    kept = [row for row in encoded if row is not None]
+    if not kept:
+        raise PolmError(f"{owner}: no row of {what} keeps a completion token within max_length={max_length}; "
+                        "raise max_length or shorten the prompts")
+    if len(kept) < len(encoded):
+        get_logger().warning(f"{owner}: {len(encoded) - len(kept)} of {len(encoded)} rows of {what} keep no "
+                             f"completion token within max_length={max_length} and were skipped")
+    return kept

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from rich.console import Console
 
 from polm.engine.data import check_data_spec, load_rows, row_format
-from polm.engine.encoding import IGNORE_INDEX
+from polm.engine.encoding import IGNORE_INDEX, keep_rows_that_fit
 from polm.engine.evaluation import exact_match
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -92,14 +91,10 @@ class PreferenceStage(Stage):
         return find_objective(self.options.objective)
 
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str = "data") -> list[EncodedPair]:
-        """The pairs of ``rows`` that fit ``max_length``; a warning counts the others."""
-        pairs = [encode_pair(tokenizer, row, self.options.max_length) for row in rows]
-        kept = [pair for pair in pairs if pair is not None]
-        if len(kept) < len(pairs):
-            Console(stderr=True).print(
-                f"[yellow]{self.name}: {len(pairs) - len(kept)} of {len(pairs)} pairs in {what} keep no answer "
-                f"token within max_length={self.options.max_length} and were skipped")
-        return kept
+        """The pairs of ``rows`` that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
+        max_length = self.options.max_length
+        return keep_rows_that_fit(self.name, [encode_pair(tokenizer, row, max_length) for row in rows],
+                                  max_length, what)
 
     def reference(self, policy: torch.nn.Module, objective: Objective) -> ReferenceModel | None:
         """The reference the stage scores against: None for a reference-free objective."""

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from polm.engine.data import check_data_spec, load_rows
-from polm.engine.errors import PolmError
+from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.options import StageOptions
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
@@ -75,16 +74,11 @@ class KTOStage(PreferenceStage):
                                (zeros, zeros, torch.ones(1, dtype=torch.bool), 0.0))
 
     def encode_unpaired(self, tokenizer: Any) -> list[EncodedCompletion]:
-        """The training rows that fit ``max_length``; a warning counts the others."""
+        """The training rows that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
         rows = unpaired_rows(load_rows(self.options.data, "train"))
-        encoded = [encode_unpaired(tokenizer, row, self.options.max_length) for row in rows]
-        kept = [item for item in encoded if item is not None]
-        if not kept:
-            raise PolmError(f"{self.name}: no row keeps a completion token within max_length={self.options.max_length}")
-        if len(kept) < len(encoded):
-            Console(stderr=True).print(f"[yellow]{self.name}: {len(encoded) - len(kept)} of {len(encoded)} rows keep "
-                                       f"no completion token within max_length={self.options.max_length}, skipped")
-        return kept
+        max_length = self.options.max_length
+        return keep_rows_that_fit(self.name, [encode_unpaired(tokenizer, row, max_length) for row in rows],
+                                  max_length)
 
     def run(self, context: StageContext) -> StageOutput:
         model, tokenizer, options = context.model, context.tokenizer, self.options

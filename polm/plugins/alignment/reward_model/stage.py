@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from polm.engine.data import check_data_spec, load_rows, row_format
-from polm.engine.errors import PolmError
+from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
@@ -68,11 +68,10 @@ class RewardModelStage(Stage):
         return model
 
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str) -> list[EncodedPair]:
-        pairs = [encode_pair(tokenizer, row, self.options.max_length) for row in rows]
-        kept = [pair for pair in pairs if pair is not None]
-        if not kept:
-            raise PolmError(f"{self.name}: no pair of {what} fits max_length={self.options.max_length}")
-        return kept
+        """The pairs of ``rows`` that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
+        max_length = self.options.max_length
+        return keep_rows_that_fit(self.name, [encode_pair(tokenizer, row, max_length) for row in rows],
+                                  max_length, what)
 
     @torch.no_grad()
     def pair_scores(self, reward_model: torch.nn.Module, pairs: list[EncodedPair],

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from polm.engine.data import check_data_spec, load_rows
-from polm.engine.encoding import Encoded, encode_row, media_inputs, pad_batch, truncate
+from polm.engine.encoding import Encoded, encode_row, keep_rows_that_fit, media_inputs, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -68,20 +67,9 @@ class SFTStage(Stage):
 
     def encode(self, tokenizer: Any) -> list[Encoded]:
         rows = load_rows(self.options.data, "train")
-        examples = []
-        for row in rows:
-            example = truncate(encode_row(tokenizer, row), self.options.max_length)
-            if example is not None:
-                examples.append(example)
-        dropped = len(rows) - len(examples)
-        if dropped:
-            Console(stderr=True).print(
-                f"[yellow]sft: {dropped} of {len(rows)} rows have no completion token within "
-                f"max_length={self.options.max_length} and were skipped"
-            )
-        if not examples:
-            raise PolmError(f"sft: no row of {self.options.data} fits max_length={self.options.max_length}")
-        return examples
+        max_length = self.options.max_length
+        return keep_rows_that_fit(self.name, [truncate(encode_row(tokenizer, row), max_length) for row in rows],
+                                  max_length)
 
     def training_task(self, tokenizer: Any) -> TrainingTask:
         """Rows, collation and loss for the chosen layout (padded, packed or padding-free)."""

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from polm.engine.errors import PolmError
+from polm.engine.log import get_logger
 from polm.plugins.finetuning.tuning.base import (
     PeftTuning,
     check_fraction,
@@ -114,8 +114,8 @@ class AdaLoraTuning(PeftTuning):
                 )
             adalora.rankallocator.set_total_step(total_steps)
         elif step == 1 and config.total_step != total_steps:
-            Console(stderr=True).print(
-                f"[yellow]adalora: total_step={config.total_step} but the stage takes {total_steps} steps; "
+            get_logger().warning(
+                f"adalora: total_step={config.total_step} but the stage takes {total_steps} steps; "
                 "the rank schedule follows total_step (leave it unset to use the stage's steps)"
             )
         adalora.update_and_allocate(step - 1)  # peft counts steps from 0

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from polm.engine.data import Row, check_data_spec, load_rows
-from polm.engine.encoding import pad_batch, truncate
+from polm.engine.encoding import keep_rows_that_fit, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -106,16 +106,17 @@ class PRMStage(Stage):
             check_data_spec(self.options.eval_data, "eval_data")
 
     def examples(self, tokenizer: Any, rows: list[Row], what: str) -> list[StepExample]:
-        """The rows encoded with their step labels; a row with no step end within ``max_length`` is dropped."""
-        encoded = []
+        """The rows encoded with their step labels, that fit ``max_length`` (:func:`keep_rows_that_fit`: a row
+        with no step end within it is skipped)."""
+        max_length = self.options.max_length
+        encoded: list[StepExample | None] = []
         for index, row in enumerate(rows):
             completion, spans, labels = _checked(row, f"{what} row {index}", self.options.separator)
             example = encode_solution(tokenizer, row["prompt"], completion, spans, labels)
-            cut = truncate(example, self.options.max_length)
-            if cut is not None:
-                encoded.append(StepExample(cut.input_ids, cut.labels,
-                                           step_index=example.step_index[: self.options.max_length]))
-        return encoded
+            cut = truncate(example, max_length)
+            encoded.append(None if cut is None else
+                           StepExample(cut.input_ids, cut.labels, step_index=example.step_index[:max_length]))
+        return keep_rows_that_fit(self.name, encoded, max_length, what)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out ``step_accuracy`` (P(right) > 0.5 agrees with the label) and ``solution_accuracy``
