@@ -28,8 +28,14 @@ REASONING_RECIPE = Path(__file__).parents[1] / "examples" / "recipes" / "reasoni
 
 
 def test_grpo_raises_the_reward_of_its_training_prompts(sft_checkpoint, seed, tmp_path, record_property):
-    """16 hard questions (levels 3-4), 8 samples each per step; the rollouts' accuracy rises."""
-    rows = [row for row in arithmetic_rows("train", 400) if row["level"] >= 3][:16]
+    """16 multiplications (level 4, where the quickstart model is weakest), 8 samples each per step; the
+    rollouts' accuracy over steps 31-40 exceeds that over steps 1-10 by at least 10 points.
+
+    Measured at one thread (by script, from the quickstart model of each seed): 41.2% -> 62.2%, 30.3% ->
+    57.0%, 60.2% -> 77.0% at seeds 0 / 1 / 2. With levels 3 and 4 mixed, seed 2 started at 79.4% and
+    rose only 9.5 points (to 88.8%): too little headroom left by the 3000-step quickstart.
+    """
+    rows = [row for row in arithmetic_rows("train", 400) if row["level"] == 4][:16]
     (polm.Pipeline(sft_checkpoint, seed=seed)
      .add("grpo", data=rows, batch_size=16, num_generations=8, max_steps=40, lr=3e-5, lr_scheduler="constant",
           rewards={"accuracy": 1.0, "format": 0.2}, reward_options={"format": {"pattern": r"-?\d+"}},
