@@ -18,7 +18,8 @@ def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart_run, r
     """Held-out exact_match on polm:arithmetic rises from under 10% (the base) to at least 75% after SFT.
 
     Measured at one thread: 88.0% / 84.3% / 87.0% at seeds 0 / 1 / 2 (level 3 96.6 / 91.0 / 98.9%, level 4
-    34.7 / 26.5 / 30.6%). At the former 1200 steps: 77.0% / 60.7% / 42.7%, and 63.7% on another CPU.
+    34.7 / 26.5 / 30.6%); two threads gave the same figures on this CPU. At the former 1200 steps: 77.0% /
+    60.7% / 42.7%, and 63.7% on another CPU.
     """
     _, result = quickstart_run
     before = result.stages[0].before["exact_match"]
@@ -34,7 +35,7 @@ def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(qu
                                                                               record_property):
     """LoRA at the quickstart's step budget reaches full SFT's exact_match minus at most 10 points.
 
-    Measured at one thread: lora 90.7% / 91.0% against full 88.0% / 84.3% at seeds 0 / 1.
+    Measured at one thread: lora 90.7% / 91.0% / 90.7% against full 88.0% / 84.3% / 87.0% at seeds 0 / 1 / 2.
     """
     recipe, full = quickstart_run
     options = {key: value for key, value in recipe.stages[0].items() if key != "name"}
@@ -56,8 +57,8 @@ def test_rft_raises_exact_match_over_its_sft_starting_point(short_sft_run, seed,
     fine-tuning on the accepted answers raise held-out exact_match by at least 2 points over the short SFT
     it starts from (``short_sft_run``: the format learned, the carries not), STaR's setting.
 
-    Measured (one thread, by script): seed 0 27.3% -> 31.0%, seed 1 36.3% -> 41.0%, gains mostly on
-    level 2. From the converged quickstart model there is nothing to bootstrap: 88.0% -> 87.3% and
+    Measured at one thread: 27.3% -> 31.0%, 36.3% -> 41.0%, 38.0% -> 44.3% at seeds 0 / 1 / 2, gains
+    mostly on level 2. From the converged quickstart model there is nothing to bootstrap: 88.0% -> 87.3% and
     84.3% -> 82.3%, and skipping prompts solved every time (max_pass_rate 0.875 or 0.5) did not help.
     """
     start = short_sft_run.stages[0].metrics["eval/exact_match"]
