@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import polm
 from polm.engine.encoding import encode_row, pad_batch
 from polm.modalities.text.tiny import TINY_MODEL_DIR
-from polm.plugins.finetuning.sft.loss import completion_loss
+from polm.engine.lm import completion_loss
 
 
 def mixed_length_rows(count: int, seed: int = 0) -> list[dict]:

@@ -33,7 +33,7 @@ def test_connectors_are_registered():
 
 def test_connector_options_are_checked():
     factory = registry("connectors").get("resampler")
-    with pytest.raises(PolmError, match="connector 'resampler' has no option 'queries'"):
+    with pytest.raises(PolmError, match="connector 'resampler': unknown option 'queries'.* Valid options: .*num_queries"):
         factory(E, D, queries=4)
     with pytest.raises(PolmError, match="'heads' \\(5\\) must divide the language model's width 32"):
         factory(E, D, heads=5)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import polm
 from polm.engine.encoding import IGNORE_INDEX
 from polm.engine.trainer import optimizer_groups
-from polm.plugins.finetuning.sft.loss import completion_loss
+from polm.engine.lm import completion_loss
 
 
 def test_completion_loss_matches_hand_computation():

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 import polm
 from polm.engine.models import count_parameters
 from polm.engine.plugins import registry
-from polm.engine.tuning import load_weights
 from polm.plugins.finetuning.tuning import LORA_TARGETS, default_lora_targets
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -344,7 +343,7 @@ def test_adalora_checkpoint_reloads_into_a_fresh_adapter(random_model, tokenizer
     saved = json.loads((result.checkpoint / "adapter_config.json").read_text())
     assert any(not all(kept) for kept in saved["rank_pattern"].values())  # some ranks were dropped
     fresh = method("adalora").prepare(base, method("adalora").Options(**options))
-    load_weights(fresh, result.checkpoint)
+    method("adalora").load_weights(fresh, result.checkpoint)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, models[0].eval()(input_ids=ids).logits)

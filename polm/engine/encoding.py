@@ -27,6 +27,7 @@ import torch
 from polm.engine.data import Row, row_format
 from polm.engine.errors import PolmError
 from polm.engine.log import get_logger
+from polm.engine.media import reads_media
 
 IGNORE_INDEX = -100
 EncodedRow = TypeVar("EncodedRow")
@@ -77,7 +78,7 @@ def media_inputs(model: torch.nn.Module, media: Sequence[list[Row]] | None) -> d
     """
     if not media or not any(media):
         return {}
-    if not getattr(getattr(model, "module", model), "reads_media", False):
+    if not reads_media(model):
         kinds = sorted({part["type"] for parts in media for part in parts})
         raise PolmError(
             f"the rows hold {', '.join(kinds)} content, which the text-only model {type(model).__name__} cannot "

@@ -18,7 +18,7 @@ from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
 from polm.engine.options import parse_options
 from polm.engine.stage import Stage, StageContext
-from polm.engine.tuning import is_peft, load_weights
+from polm.engine.tuning import is_peft, tuning_method
 
 RUN_FILE = "run.json"
 FINAL_DIR = "final"
@@ -175,7 +175,7 @@ class Pipeline:
             model = stage.prepare(model)
             if resume and (final_dir / STAGE_FILE).is_file():
                 if stage.trains_policy:
-                    load_weights(model, final_dir)
+                    tuning_method(stage.options).load_weights(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue

@@ -12,6 +12,7 @@ import torch
 
 from polm.engine.data import bundled_name, load_rows
 from polm.engine.evaluation import exact_match, reference
+from polm.engine.media import MediaModel
 from polm.engine.options import StageOptions
 
 
@@ -73,11 +74,12 @@ class Stage:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model this stage trains: its ``tuning`` method applied to the starting model.
 
-        A multimodal model (one with ``tune_language_model``) applies the method to its language model and
-        keeps its connectors trainable (LLaVA stage 2), whatever the stage.
+        A model that reads media (:class:`~polm.engine.media.MediaModel`) applies the method to its language
+        model and keeps its connectors trainable (LLaVA stage 2), whatever the stage.
         """
-        tune = getattr(model, "tune_language_model", None)
-        return tune(self._apply_tuning) if tune is not None else self._apply_tuning(model)
+        if isinstance(model, MediaModel):
+            return model.tune_language_model(self._apply_tuning)
+        return self._apply_tuning(model)
 
     def _apply_tuning(self, model: torch.nn.Module) -> torch.nn.Module:
         tuning = getattr(self.options, "tuning", None)

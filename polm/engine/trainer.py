@@ -48,7 +48,7 @@ from polm.engine.checkpoint import (
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
 from polm.engine.stage import StageContext, StageOutput
-from polm.engine.tuning import load_weights
+from polm.engine.tuning import tuning_method
 
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
@@ -141,16 +141,6 @@ class _RowOrder:
         return self._order[position * self.size : (position + 1) * self.size].tolist()
 
 
-def _tuning_method(options: StageOptions) -> Any:
-    """The stage's tuning method, which may act after each optimizer step (AdaLoRA); None without one."""
-    name = getattr(options, "tuning", None)
-    if name is None:
-        return None
-    from polm.engine.plugins import registry
-
-    return registry("tuning_methods").get(name)
-
-
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -194,14 +184,14 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         options.lr_scheduler, optimizer, num_warmup_steps=int(options.warmup_ratio * steps), num_training_steps=steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    tuning = _tuning_method(options)
+    tuning = tuning_method(options)
     metrics_path = stage_dir / METRICS_FILE
     count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
 
     start = 0
     checkpoint = latest_checkpoint(stage_dir) if context.resume else None
     if checkpoint is not None:
-        load_weights(accelerator.unwrap_model(model), checkpoint)
+        tuning.load_weights(accelerator.unwrap_model(model), checkpoint)
         start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
         if task.load_state is not None:
             task.load_state(checkpoint)
@@ -270,8 +260,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
                     window["grad_norm"].append(float(grad_norm))
                 optimizer.step()
-                if tuning is not None:
-                    tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
+                tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

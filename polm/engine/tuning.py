@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,14 @@ class TuningMethod:
         Most methods do nothing here; AdaLoRA reallocates its ranks from the gradients.
         """
 
+    def load_weights(self, model: torch.nn.Module, directory: Path) -> None:
+        """Load what ``model.save_pretrained(directory)`` wrote into ``model`` (prepared by this method), in place.
+
+        Called when a run resumes from a checkpoint or a finished stage. Methods whose saved form differs
+        from the form they train in override it (AdaLoRA saves only the ranks it kept).
+        """
+        load_weights(model, directory)
+
 
 def is_peft(model: torch.nn.Module) -> bool:
     """Whether ``model`` carries peft adapters."""
@@ -79,24 +86,25 @@ class FullTuning(TuningMethod):
         return model
 
 
+def tuning_method(options: Any) -> TuningMethod:
+    """The registered tuning method a stage's options name (``full`` for stages without a ``tuning`` option)."""
+    from polm.engine.plugins import registry
+
+    return registry("tuning_methods").get(getattr(options, "tuning", "full"))
+
+
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load the weights saved by ``model.save_pretrained(directory)`` into ``model`` in place.
 
     Handles plain transformers checkpoints (one or several safetensors files;
-    tied weights are saved once) and peft adapters.
+    tied weights are saved once) and peft adapters. A stage loads through its tuning method
+    (:meth:`TuningMethod.load_weights`), which falls back to this.
     """
     adapter_file = directory / "adapter_model.safetensors"
     if adapter_file.is_file():
         from peft import set_peft_model_state_dict
 
-        state = load_file(adapter_file)
-        saved = json.loads((directory / "adapter_config.json").read_text())
-        rank_pattern = saved.get("rank_pattern") if saved.get("peft_type") == "ADALORA" else None
-        if rank_pattern:
-            state = _adalora_at_full_rank(state, rank_pattern)
-        set_peft_model_state_dict(model, state)
-        if rank_pattern:
-            model.active_peft_config.rank_pattern = rank_pattern  # AdaLoRA's last phase masks with it
+        set_peft_model_state_dict(model, load_file(adapter_file))
         return
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -111,22 +119,3 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         raise PolmError(
             f"checkpoint {directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-
-
-def _adalora_at_full_rank(
-    state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]]
-) -> dict[str, torch.Tensor]:
-    """AdaLoRA saves only the ranks it kept; put them back in place at the initial rank, zeros elsewhere.
-
-    The model being loaded keeps its parameters (an optimizer may hold them) and computes the same
-    function: a dropped rank has a zero singular value ``lora_E``.
-    """
-    for name, kept in rank_pattern.items():
-        prefix = "base_model.model." + name[: name.index(".lora_E")]
-        positions = torch.tensor(kept).nonzero().flatten()
-        for part, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
-            saved = state[f"{prefix}.{part}"]
-            shape = list(saved.shape)
-            shape[dim] = len(kept)
-            state[f"{prefix}.{part}"] = saved.new_zeros(shape).index_copy_(dim, positions, saved)
-    return state

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polm.adapters.connectors.base import Connector, check_heads
+from polm.adapters.connectors.base import check_heads
 from polm.engine.errors import PolmError
-from polm.modalities.multimodal.encoder import parse_options
+from polm.engine.media import Connector
+from polm.engine.options import parse_options
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polm.adapters.connectors.base import Connector
+from polm.engine.media import Connector
 
 
 class LinearConnector(Connector):

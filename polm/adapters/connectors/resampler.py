@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polm.adapters.connectors.base import Connector, check_heads
-from polm.modalities.multimodal.encoder import parse_options
+from polm.adapters.connectors.base import check_heads
+from polm.engine.media import Connector
+from polm.engine.options import parse_options
 
 
 @dataclass

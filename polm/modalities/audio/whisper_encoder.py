@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from polm.engine.errors import PolmError
+from polm.engine.media import Encoder
+from polm.engine.options import parse_options
 from polm.modalities.audio.wav import load_audio
-from polm.modalities.multimodal.encoder import Encoder, parse_options
 
 TINY_NAME = "polm-tiny"
 

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from polm.adapters.connectors.base import Connector
 from polm.engine.data import Row
 from polm.engine.errors import PolmError
+from polm.engine.media import Connector, Encoder, MediaModel
 from polm.engine.quiet import no_transformers_progress
-from polm.modalities.multimodal.encoder import Encoder
 from polm.modalities.multimodal.splice import splice
 
 CONFIG_FILE = "multimodal.json"
@@ -38,7 +37,7 @@ CONNECTORS_FILE = "connectors.safetensors"
 ENCODERS_FILE = "encoders.safetensors"
 
 
-class MultimodalModel(torch.nn.Module):
+class MultimodalModel(MediaModel):
     """A language model, encoders by modality (``image``, ``audio``) and one connector per encoder.
 
     Args:
@@ -47,9 +46,6 @@ class MultimodalModel(torch.nn.Module):
         connectors: modality -> connector.
         connector_names: modality -> the registered name of its connector (saved to rebuild it).
     """
-
-    #: Tells :func:`polm.engine.encoding.media_inputs` that this model takes ``media=``.
-    reads_media = True
 
     def __init__(self, lm: torch.nn.Module, encoders: dict[str, Encoder], connectors: dict[str, Connector],
                  connector_names: dict[str, str]) -> None:

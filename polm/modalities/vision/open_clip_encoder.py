@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from polm.engine.errors import PolmError
-from polm.modalities.multimodal.encoder import Encoder, parse_options
+from polm.engine.media import Encoder
+from polm.engine.options import parse_options
 
 TINY_CONFIG = Path(__file__).with_name("polm-tiny-vit.json")
 

@@ -27,12 +27,12 @@ from polm.engine.checkpoint import atomic_directory, save_model
 from polm.engine.data import check_data_spec, load_rows
 from polm.engine.encoding import encode_completion, pad_batch, truncate
 from polm.engine.evaluation import generate
+from polm.engine.lm import lm_loss
 from polm.engine.options import StageOptions
 from polm.engine.rewards import score
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.engine.tuning import load_weights
-from polm.plugins.finetuning.sft.stage import sft_loss
+from polm.engine.tuning import tuning_method
 
 ROUND_FILE = "round.json"
 
@@ -113,7 +113,7 @@ class RFTStage(Stage):
             round_dir = context.stage_dir / f"round-{index}"
             done = round_dir / "final"
             if context.resume and (done / ROUND_FILE).is_file():
-                load_weights(model, done)
+                tuning_method(self.options).load_weights(model, done)
                 metrics = json.loads((done / ROUND_FILE).read_text())
                 continue
             round_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ class RFTStage(Stage):
             task = TrainingTask(
                 rows=examples,
                 collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
-                compute_loss=sft_loss,
+                compute_loss=lm_loss,
                 evaluate=lambda m: self.evaluate(m, tokenizer),
             )
             output = train(self.name, replace(context, model=model, stage_dir=round_dir), self.options, task)

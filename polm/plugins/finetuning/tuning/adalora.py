@@ -17,14 +17,18 @@ stage is not bit-exact: the sensitivity averages are not checkpointed.
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from polm.engine.errors import PolmError
 from polm.engine.log import get_logger
+from polm.engine.tuning import load_weights
 from polm.plugins.finetuning.tuning.base import (
     PeftTuning,
     check_fraction,
@@ -120,3 +124,33 @@ class AdaLoraTuning(PeftTuning):
             )
         adalora.update_and_allocate(step - 1)  # peft counts steps from 0
 
+    def load_weights(self, model: torch.nn.Module, directory: Path) -> None:
+        """AdaLoRA saves only the ranks it kept (``rank_pattern``); load them into the full-rank adapter
+        ``prepare`` built, and restore the pattern its last phase masks with."""
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        rank_pattern = saved.get("rank_pattern")
+        if not rank_pattern:  # saved before any rank was dropped
+            load_weights(model, directory)
+            return
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, _at_full_rank(load_file(directory / "adapter_model.safetensors"),
+                                                       rank_pattern))
+        model.active_peft_config.rank_pattern = rank_pattern
+
+
+def _at_full_rank(state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]]) -> dict[str, torch.Tensor]:
+    """The kept ranks put back in place at the initial rank, zeros elsewhere.
+
+    The model being loaded keeps its parameters (an optimizer may hold them) and computes the same
+    function: a dropped rank has a zero singular value ``lora_E``.
+    """
+    for name, kept in rank_pattern.items():
+        prefix = "base_model.model." + name[: name.index(".lora_E")]
+        positions = torch.tensor(kept).nonzero().flatten()
+        for part, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
+            saved = state[f"{prefix}.{part}"]
+            shape = list(saved.shape)
+            shape[dim] = len(kept)
+            state[f"{prefix}.{part}"] = saved.new_zeros(shape).index_copy_(dim, positions, saved)
+    return state

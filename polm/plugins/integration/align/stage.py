@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from polm.engine.errors import PolmError
+from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage
+from polm.engine.media import reads_media
 from polm.modalities.multimodal.build import build_multimodal
-from polm.plugins.finetuning.sft.stage import SFTOptions, SFTStage
 
 
 @dataclass
-class AlignOptions(SFTOptions):
-    """Options of ``align``: those of ``sft`` (without a tuning method) plus the encoders and connectors."""
+class AlignOptions(LanguageModellingOptions):
+    """Options of ``align``: those of a language-modelling stage (without a tuning method) plus the encoders
+    and connectors."""
 
     encoders: dict = field(default_factory=dict, metadata={
         "help": "modality -> encoder: 'open_clip:<arch>' or 'whisper:<size>', or {spec: ..., freeze: false, ...}; "
@@ -39,13 +41,13 @@ class AlignOptions(SFTOptions):
                              "to a later sft stage")
 
 
-class AlignStage(SFTStage):
+class AlignStage(LanguageModellingStage):
     """Train the connectors (and unfrozen encoders) on image or audio captions; the language model is frozen."""
 
     Options = AlignOptions
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        if not getattr(model, "reads_media", False):
+        if not reads_media(model):
             if not self.options.encoders:
                 raise PolmError(f"{self.name}: the starting model {type(model).__name__} reads text only; set "
                                 "'encoders', e.g. {image: 'open_clip:polm-tiny-vit'}")
@@ -59,4 +61,4 @@ class AlignStage(SFTStage):
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out exact match; a text model (evaluated before the stage builds its encoders) has none."""
-        return super().evaluate(model, tokenizer) if getattr(model, "reads_media", False) else {}
+        return super().evaluate(model, tokenizer) if reads_media(model) else {}

@@ -1,0 +1,108 @@
+"""Language-modelling stages: next-token cross-entropy on the completion tokens of encoded rows.
+
+The family every stage belongs to that trains on given text rather than on preferences or rewards:
+``sft`` (with packing and NEFTune on top), ``align`` (the same loss through frozen encoders and trained
+connectors) and the training rounds of ``rft``. The loss and the stage base live here, in the engine,
+so those plugins share them without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from polm.engine.data import check_data_spec, load_rows
+from polm.engine.encoding import (
+    IGNORE_INDEX,
+    Encoded,
+    encode_row,
+    keep_rows_that_fit,
+    media_inputs,
+    pad_batch,
+    truncate,
+)
+from polm.engine.options import StageOptions
+from polm.engine.stage import Stage, StageContext, StageOutput
+from polm.engine.trainer import TrainingTask, train
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy of predicting ``labels[t + 1]`` from position ``t``.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        labels: (B, T) target ids, ``-100`` where no loss is taken (prompt,
+            non-assistant turns, padding).
+
+    Returns:
+        The loss averaged over labelled tokens, and metrics: ``token_accuracy``
+        (greedy next-token hits among labelled tokens) and ``label_tokens``.
+    """
+    shifted_logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("a batch has no labelled tokens; check max_length and the loss mask")
+    loss = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / count
+    with torch.no_grad():
+        hits = (shifted_logits.argmax(-1) == targets) & mask
+        accuracy = float(hits.sum() / count)
+    return loss, {"token_accuracy": accuracy, "label_tokens": float(count)}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The completion loss of a padded batch, or of a packed one (``position_ids`` delimit its samples)."""
+    if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **media_inputs(model, batch.get("media"))).logits
+    return completion_loss(logits, batch["labels"])
+
+
+@dataclass
+class LanguageModellingOptions(StageOptions):
+    """Options of a language-modelling stage; rows may be ``{text}``, ``{prompt, completion}``, ``{messages}``
+    or ``{prompt, answer}``."""
+
+    data: Any = field(default=None, metadata={"help": "training rows: 'polm:<name>', a JSONL path, or a list"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data is None:
+            raise ValueError("option 'data' is required (a JSONL path or 'polm:<name>')")
+
+
+class LanguageModellingStage(Stage):
+    """Cross-entropy on completion / assistant tokens of ``data``, prompts masked, in padded batches."""
+
+    Options = LanguageModellingOptions
+
+    def check(self) -> None:
+        check_data_spec(self.options.data, "data")
+        if self.options.eval_data is not None:
+            check_data_spec(self.options.eval_data, "eval_data")
+
+    def encode(self, tokenizer: Any) -> list[Encoded]:
+        """The training rows encoded, cut to ``max_length``, those left without a completion token dropped."""
+        rows = load_rows(self.options.data, "train")
+        max_length = self.options.max_length
+        return keep_rows_that_fit(self.name, [truncate(encode_row(tokenizer, row), max_length) for row in rows],
+                                  max_length)
+
+    def training_task(self, tokenizer: Any) -> TrainingTask:
+        """Rows, collation and loss: the encoded rows in padded batches."""
+        return TrainingTask(
+            rows=self.encode(tokenizer),
+            collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
+            compute_loss=lm_loss,
+            evaluate=lambda model: self.evaluate(model, tokenizer),
+        )
+
+    def run(self, context: StageContext) -> StageOutput:
+        return train(self.name, context, self.options, self.training_task(context.tokenizer))
