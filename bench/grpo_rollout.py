@@ -3,7 +3,7 @@
 Run: ``python bench/grpo_rollout.py [--model polm-tiny] [--prompts 16] [--generations 8] [--threads 1]``.
 Side by side in one process, on the same model and prompts, at temperature 1:
 
-* ``grpo rollout``: what the ``grpo`` stage does each step, :func:`polm.engine.rollout.sample` with
+* ``grpo rollout``: what the ``grpo`` stage does each step, :func:`polm.engine.rl.rollout.sample` with
   all ``prompts * generations`` rows in one left-padded batch, KV cache on, stopping at EOS;
 * ``plain generate loop``: ``model.generate`` once per prompt and sample (batch 1, KV cache on);
 * ``plain loop, no KV cache``: the same with ``use_cache=False``.
@@ -21,7 +21,7 @@ import torch
 from polm.engine.data import load_rows
 from polm.engine.encoding import encode_prompt
 from polm.engine.models import load_model
-from polm.engine.rollout import sample, stop_token_ids
+from polm.engine.rl.rollout import sample, stop_token_ids
 
 
 def plain_loop(model, tokenizer, prompts: list[str], generations: int, max_new_tokens: int, use_cache: bool) -> float:

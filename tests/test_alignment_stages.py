@@ -16,10 +16,11 @@ from torch.testing import assert_close
 
 import polm
 from polm.engine.encoding import IGNORE_INDEX
+from polm.engine.rl import ReferenceModel, completion_logps, sequence_logps
 from polm.modalities.text.tasks import arithmetic_preference_rows
-from polm.plugins.alignment.dpo import PreferenceStage, ReferenceModel
-from polm.plugins.alignment.logps import collate_pairs, completion_logps, encode_pair, sequence_logps
+from polm.plugins.alignment.logps import collate_pairs, encode_pair
 from polm.plugins.alignment.objectives import dpo_loss
+from polm.plugins.alignment.preference import PreferenceStage
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from polm.plugins.reasoning.grpo.losses import (
+from polm.engine.rl import (
     aggregate,
     clipped_policy_loss,
     group_advantages,

@@ -10,7 +10,7 @@ from PIL import Image
 import polm
 from polm.engine.encoding import encode_row, media_inputs, pad_batch
 from polm.engine.errors import PolmError
-from polm.engine.rollout import completion_token_logps, sample
+from polm.engine.rl.rollout import completion_token_logps, sample
 from polm.modalities.audio.tones import write_wav
 from polm.modalities.multimodal.build import build_multimodal
 
@@ -121,7 +121,8 @@ def test_placeholders_without_media_are_refused(random_model, tokenizer, media):
 def test_preference_pairs_with_images_are_scored_with_their_images(random_model, tokenizer, tmp_path):
     """dpo's log-probs of an image pair depend on the image: the same pair with another picture scores differently,
     and the pair scored in a batch equals the pair scored alone."""
-    from polm.plugins.alignment.logps import collate_pairs, encode_pair, sequence_logps
+    from polm.engine.rl import sequence_logps
+    from polm.plugins.alignment.logps import collate_pairs, encode_pair
 
     model = _model(random_model, "mlp2x_gelu")
     pairs = []

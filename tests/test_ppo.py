@@ -16,17 +16,8 @@ import torch
 from torch.testing import assert_close
 
 import polm
-from polm.plugins.alignment.dpo.reference import ReferenceModel
-from polm.plugins.alignment.ppo import (
-    PPOOptions,
-    PPOStage,
-    ValueHead,
-    gae,
-    kl_penalised_rewards,
-    ppo_policy_loss,
-    ppo_value_loss,
-    whiten,
-)
+from polm.engine.rl import ReferenceModel, clipped_policy_loss, gae, whiten
+from polm.plugins.alignment.ppo import PPOOptions, PPOStage, ValueHead, kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.stage import PPOStep
 
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]]
@@ -91,10 +82,11 @@ def test_clipped_policy_loss_matches_hand_computation():
     logps = torch.log(torch.cat([ratios, torch.tensor([[7.0], [7.0]])], 1)).requires_grad_(True)
     advantages = torch.tensor([[1.0, 1.0, 5.0], [-2.0, -1.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    loss, metrics = ppo_policy_loss(logps, torch.zeros(2, 3), advantages, mask, clip_range=0.2)
+    loss, metrics = clipped_policy_loss(logps, torch.zeros(2, 3), advantages, mask, epsilon_low=0.2,
+                                        epsilon_high=0.2, loss_type="dapo")
     assert_close(loss, torch.tensor(0.25))
     assert metrics["clip_fraction"] == 0.5
-    expected_kl = sum(math.log(r) ** 2 / 2 for r in (1.5, 0.5, 0.5, 1.1)) / 4
+    expected_kl = torch.tensor(sum(math.log(r) ** 2 / 2 for r in (1.5, 0.5, 0.5, 1.1)) / 4)
     assert_close(metrics["approx_kl"], expected_kl, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert_close(logps.grad, torch.tensor([[0.0, -0.125, 0.0], [0.0, 0.275, 0.0]]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from polm.engine.encoding import encode_prompt
-from polm.engine.rollout import completion_token_logps, sample
+from polm.engine.rl.rollout import completion_token_logps, sample
 
 
 def test_samples_of_a_prompt_are_consecutive_and_masks_end_at_eos(random_model, tokenizer):

@@ -23,7 +23,7 @@ from polm.engine.data import Row
 from polm.engine.encoding import encode_prompt
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
-from polm.engine.rollout import stop_token_ids
+from polm.engine.rl.rollout import stop_token_ids
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".webm")

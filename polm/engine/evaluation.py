@@ -10,7 +10,7 @@ import torch
 from polm.engine.answers import answers_match
 from polm.engine.data import Row, load_rows, row_format
 from polm.engine.errors import PolmError
-from polm.engine.rollout import sample
+from polm.engine.rl.rollout import sample
 
 
 def generate(
@@ -28,7 +28,7 @@ def generate(
     """Complete each prompt (chat-templated when the tokenizer has a template); ``temperature`` 0 is greedy.
 
     With ``num_samples`` > 1 the samples of prompt ``i`` are entries ``i*num_samples ...``.
-    See :func:`polm.engine.rollout.sample` for the tokens behind the text.
+    See :func:`polm.engine.rl.rollout.sample` for the tokens behind the text.
     """
     return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                   temperature=temperature, top_p=top_p, stop_strings=stop_strings, batch_size=batch_size,

@@ -19,12 +19,18 @@ model's folder, e.g. ``ppo: {reward_model: runs/demo/01-reward_model}``.
 Rewards: ``reward_model`` (a trained reward model's score; option ``path``)
 and ``judge`` (a local language model's probability of "Yes"; options
 ``model``, ``template``, ``yes``, ``no``).
+
+The method folders import the engine (the RL core :mod:`polm.engine.rl`) and
+these paradigm modules, never each other: ``objectives`` (the loss functions),
+``objective_lookup`` (an objective by name, its options checked),
+``preference`` (the base of ``dpo``, ``kto`` and ``online_dpo``), ``logps``
+(preference pairs in tokens) and ``scoring`` (rewards for sampled completions).
 """
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
-from polm.plugins.alignment.dpo import ORPOStage, PreferenceStage, SimPOStage
+from polm.plugins.alignment.dpo import DPOStage, ORPOStage, SimPOStage
 from polm.plugins.alignment.judge import judge_reward
 from polm.plugins.alignment.kto import KTOStage
 from polm.plugins.alignment.objectives import (
@@ -58,7 +64,7 @@ def polm_register_objectives(register: Register) -> None:
 
 @hookimpl
 def polm_register_stages(register: Register) -> None:
-    register("dpo", PreferenceStage, description="preference optimisation with any pairwise objective (default dpo)")
+    register("dpo", DPOStage, description="preference optimisation with any pairwise objective (default dpo)")
     register("simpo", SimPOStage, description="the dpo stage with the reference-free SimPO objective")
     register("orpo", ORPOStage, description="the dpo stage with the reference-free ORPO objective")
     register("kto", KTOStage, description="KTO on unpaired rows {prompt, completion, label} or on preference pairs")

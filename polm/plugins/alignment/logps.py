@@ -1,22 +1,24 @@
-"""Preference pairs as tokens, and completion log-probs from a model's logits.
+"""Preference pairs as tokens, and their log-probs under the reference model scored once before training.
 
 A pair is encoded twice with the engine's :func:`~polm.engine.encoding.encode_completion`
 (prompt + chosen, prompt + rejected), so prompt tokens carry no label and
-only completion tokens are scored. A batch of B pairs stacks the B chosen
-rows and then the B rejected rows, so one forward pass scores both.
+only completion tokens are scored (:func:`polm.engine.rl.logps.sequence_logps`).
+A batch of B pairs stacks the B chosen rows and then the B rejected rows, so
+one forward pass scores both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from polm.engine.data import Row, row_format
-from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_completion, media_inputs, pad_batch, truncate
+from polm.engine.encoding import Encoded, encode_completion, pad_batch, truncate
 from polm.engine.errors import PolmError
+from polm.engine.rl.reference import ReferenceModel
 
 
 @dataclass
@@ -64,39 +66,18 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, 
     return batch
 
 
-def completion_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Log-probs of the labelled tokens, summed (or averaged) per row.
+def precompute_reference_logps(reference: ReferenceModel, policy: torch.nn.Module, pairs: Sequence[EncodedPair],
+                               pad_token_id: int, batch_size: int, device: torch.device) -> list[EncodedPair]:
+    """``pairs`` with ``ref_logps`` filled in by ``reference``, scored ``batch_size`` pairs at a time on ``device``.
 
-    Position ``t`` predicts ``labels[t + 1]``, as in the SFT loss.
-
-    Args:
-        logits: (N, T, V) model outputs.
-        labels: (N, T) target ids, ``-100`` where a token is not scored (prompt, padding).
-        average: divide each row's sum by its number of labelled tokens.
-
-    Returns:
-        (N,) float32 log-probs.
-
-    Raises:
-        ValueError: a row has no labelled token.
+    ``policy`` is the model the stage trains (for a peft policy, the reference is that model without its adapters).
     """
-    logits = logits[:, :-1].float()  # (N, T-1, V)
-    targets = labels[:, 1:]  # (N, T-1)
-    mask = targets != IGNORE_INDEX
-    counts = mask.sum(-1)  # (N,)
-    if bool((counts == 0).any()):
-        raise ValueError("a row has no labelled completion token; check max_length and the loss mask")
-    # gather - logsumexp rather than log_softmax: no second (N, T-1, V) tensor.
-    picked = torch.gather(logits, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    token_logps = (picked - logits.logsumexp(-1)) * mask
-    sums = token_logps.sum(-1)  # (N,)
-    return sums / counts if average else sums
-
-
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
-    """Completion log-probs of every row of ``batch`` under ``model``: (N,), summed or averaged per token.
-
-    Image and audio parts of multimodal pairs reach the model through ``batch["media"]``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **media_inputs(model, batch.get("media"))).logits
-    return completion_logps(logits, batch["labels"], average)
+    if reference.shares_policy:
+        policy.to(device)
+    done: list[EncodedPair] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items() if k != "ref_logps"}
+        chosen, rejected = reference.logps(policy, batch).cpu().chunk(2)
+        done += [replace(pair, ref_logps=(float(c), float(r))) for pair, c, r in zip(chunk, chosen, rejected)]
+    return done

@@ -23,19 +23,19 @@ import torch
 from polm.engine.data import check_data_spec, load_rows
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.options import StageOptions
+from polm.engine.rl.logps import sequence_logps
+from polm.engine.rl.reference import ReferenceModel
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.objective import Objective, check_function_options
-from polm.plugins.alignment.dpo.reference import ReferenceModel
-from polm.plugins.alignment.dpo.stage import PreferenceStage
 from polm.plugins.alignment.kto.rows import (
     EncodedCompletion,
     collate_unpaired,
     encode_unpaired,
     unpaired_rows,
 )
-from polm.plugins.alignment.logps import sequence_logps
+from polm.plugins.alignment.objective_lookup import Objective, check_function_options
 from polm.plugins.alignment.objectives import kl_estimate, kto_loss
+from polm.plugins.alignment.preference import PreferenceStage
 
 KTO_ARGUMENTS = 4  # policy log-probs, reference log-probs, labels, reference point
 

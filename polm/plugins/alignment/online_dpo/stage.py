@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, check_data_spec, load_rows
+from polm.engine.data import Row, load_rows
 from polm.engine.evaluation import generate
 from polm.engine.options import StageOptions
+from polm.engine.rl.logps import sequence_logps
+from polm.engine.rl.reference import ReferenceModel
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.objective import Objective, check_objective_options
-from polm.plugins.alignment.dpo.reference import ReferenceModel
-from polm.plugins.alignment.dpo.stage import PreferenceStage
-from polm.plugins.alignment.logps import collate_pairs, encode_pair, sequence_logps
+from polm.plugins.alignment.logps import collate_pairs, encode_pair
+from polm.plugins.alignment.objective_lookup import Objective
+from polm.plugins.alignment.preference import PreferenceStage
 from polm.plugins.alignment.scoring import RewardOptions, RewardSource
 
 SAMPLES = 2  # completions per prompt: one pair
@@ -116,10 +117,7 @@ class OnlineDPOStage(PreferenceStage):
     headline_metric = "reward"
 
     def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
-        check_objective_options(self.objective(), self.options.objective_options)
+        super().check()
         RewardSource(self.options).check()
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any,

@@ -1,13 +1,6 @@
-"""RLHF with PPO: the ``ppo`` stage, its losses and its value head."""
+"""RLHF with PPO: the ``ppo`` stage, its own losses and its value head."""
 
-from polm.plugins.alignment.ppo.loss import (
-    gae,
-    kl_penalised_rewards,
-    masked_mean,
-    ppo_policy_loss,
-    ppo_value_loss,
-    whiten,
-)
+from polm.plugins.alignment.ppo.loss import kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.stage import PPOOptions, PPOStage, RolloutBuffer
 from polm.plugins.alignment.ppo.value_head import ValueHead
 
@@ -16,10 +9,6 @@ __all__ = [
     "PPOStage",
     "RolloutBuffer",
     "ValueHead",
-    "gae",
     "kl_penalised_rewards",
-    "masked_mean",
-    "ppo_policy_loss",
     "ppo_value_loss",
-    "whiten",
 ]

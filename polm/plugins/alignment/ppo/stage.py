@@ -14,8 +14,9 @@ score differences within a prompt, so its scores carry an arbitrary offset per
 prompt, which the value head would otherwise have to learn before the
 advantages say which sample of a prompt was better. The rollout
 is then replayed for ``ppo_epochs`` epochs of ``minibatches`` minibatches, one
-optimizer step each, with the clipped policy and value losses of
-:mod:`polm.plugins.alignment.ppo.loss`.
+optimizer step each, with the engine's clipped policy loss
+(:func:`polm.engine.rl.losses.clipped_policy_loss`) and the clipped value
+loss of :mod:`polm.plugins.alignment.ppo.loss`.
 
 The training loop's steps are those minibatch updates: a step samples a new
 rollout from its own prompts when the previous rollout is used up, and the
@@ -44,14 +45,15 @@ from accelerate.utils import extract_model_from_parallel
 
 from polm.engine.data import Row, check_data_spec, load_rows
 from polm.engine.options import StageOptions
-from polm.engine.rollout import Rollout, completion_token_logps, sample
+from polm.engine.rl.advantages import gae, rloo_advantages, whiten
+from polm.engine.rl.losses import clipped_policy_loss
+from polm.engine.rl.reference import ReferenceModel
+from polm.engine.rl.rollout import Rollout, completion_token_logps, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.reference import ReferenceModel
-from polm.plugins.alignment.ppo.loss import gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from polm.plugins.alignment.ppo.loss import kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.value_head import ValueHead, hidden_size, last_hidden_states
 from polm.plugins.alignment.scoring import RewardOptions, RewardSource
-from polm.plugins.reasoning.grpo.losses import rloo_advantages
 
 BUFFER_FILE = "rollout_buffer.pt"
 
@@ -200,15 +202,16 @@ class PPOStep:
         logps, values = self.forward(policy, minibatch)
         device = logps.device
         mask = minibatch.completion_mask.to(device).float()
-        policy_loss, policy_metrics = ppo_policy_loss(logps, buffer.old_logps[index].to(device),
-                                                      buffer.advantages[index].to(device), mask,
-                                                      self.options.clip_range)
+        policy_loss, policy_metrics = clipped_policy_loss(  # "dapo" reduces by the token mean, as PPO does
+            logps, buffer.old_logps[index].to(device), buffer.advantages[index].to(device), mask,
+            epsilon_low=self.options.clip_range, epsilon_high=self.options.clip_range, loss_type="dapo")
         value_loss, value_metrics = ppo_value_loss(values, buffer.old_values[index].to(device),
                                                    buffer.returns[index].to(device), mask,
                                                    self.options.value_clip_range)
         self.trained_tokens = int(minibatch.attention_mask.sum())
         metrics = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
-                   **policy_metrics, **value_metrics, **buffer.metrics}
+                   **{key: float(value) for key, value in policy_metrics.items()}, **value_metrics,
+                   **buffer.metrics}
         return policy_loss + self.options.vf_coef * value_loss, metrics
 
     def save_state(self, directory: Path) -> None:

@@ -23,9 +23,9 @@ import torch
 from polm.engine.data import check_data_spec, load_rows, row_format
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.options import StageOptions
+from polm.engine.rl.reference import eval_mode
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.reference import eval_mode
 from polm.plugins.alignment.logps import EncodedPair, collate_pairs, encode_pair
 from polm.plugins.alignment.reward_model.loss import bradley_terry_loss
 from polm.plugins.alignment.reward_model.model import build_reward_model, is_reward_model

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polm.engine.options import StageOptions
-from polm.plugins.reasoning.grpo.losses import ADVANTAGES, LOSS_TYPES
+from polm.engine.rl.losses import LOSS_TYPES
 
+ADVANTAGES = ("group", "rloo")  # polm.engine.rl.advantages: group_advantages, rloo_advantages
 DAPO_EPSILON_HIGH = 0.28  # DAPO's clip-higher upper bound (arXiv:2503.14476, section 3.1)
 
 

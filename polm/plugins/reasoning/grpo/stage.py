@@ -3,11 +3,12 @@
 The rows are prompts and the shared training loop drives them: for each
 micro-batch of ``batch_size`` prompts, :class:`GRPOStep` samples
 ``num_generations`` completions per prompt with the KV cache
-(:func:`polm.engine.rollout.sample`), scores them with the weighted rewards,
+(:func:`polm.engine.rl.rollout.sample`), scores them with the weighted rewards,
 turns the rewards into advantages within each prompt's group, and keeps the
 result in a rollout buffer that serves ``num_iterations`` consecutive
 optimizer steps, each a clipped policy update against the sampling policy
-(see :mod:`polm.plugins.reasoning.grpo.losses` for the objectives and papers).
+(see :mod:`polm.engine.rl.advantages` and :mod:`polm.engine.rl.losses` for
+the objectives and papers).
 On the steps that reuse a buffered rollout, the prompts the loop hands in are
 not sampled.
 
@@ -24,9 +25,10 @@ Logged each generation step (``metrics.jsonl``, averaged over ``log_every``):
 ``reward_std`` (mean within-group std), ``completion_length``,
 ``sampling_tokens_per_s`` (sampled tokens per second of generation, apart
 from training), ``groups_kept`` (with dynamic sampling); each step:
-``clip_fraction``, ``entropy``, and ``kl`` when ``beta`` > 0. ``tokens_per_s``
-of the loop counts prompt and completion tokens trained per second of the
-whole step, sampling included.
+``clip_fraction``, ``approx_kl`` (to the sampling policy; 0 on the first
+update of a generation batch), ``entropy``, and ``kl`` when ``beta`` > 0.
+``tokens_per_s`` of the loop counts prompt and completion tokens trained per
+second of the whole step, sampling included.
 """
 
 from __future__ import annotations
@@ -41,16 +43,12 @@ from polm.engine.data import Row, check_data_spec, load_rows
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
 from polm.engine.rewards import parse_reward_weights, score_weighted
-from polm.engine.rollout import Rollout, completion_token_logps, sample
+from polm.engine.rl.advantages import group_advantages, informative_groups, rloo_advantages
+from polm.engine.rl.losses import clipped_policy_loss
+from polm.engine.rl.reference import ReferenceModel
+from polm.engine.rl.rollout import Rollout, completion_token_logps, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.dpo.reference import ReferenceModel
-from polm.plugins.reasoning.grpo.losses import (
-    clipped_policy_loss,
-    group_advantages,
-    informative_groups,
-    rloo_advantages,
-)
 from polm.plugins.reasoning.grpo.options import GRPOOptions
 
 

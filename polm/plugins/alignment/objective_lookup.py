@@ -1,4 +1,8 @@
-"""Finding a pairwise objective by name at run time, and checking its options before anything loads."""
+"""Finding a pairwise objective by name at run time, and checking its options before anything loads.
+
+Shared by the stages that train with a registered objective (``dpo`` and its
+presets, ``online_dpo``) and by ``kto``, which checks its own objective's options.
+"""
 
 from __future__ import annotations
 

@@ -9,15 +9,14 @@ model, and no second copy of the base is held.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 
-from polm.engine.rollout import Rollout, completion_token_logps
+from polm.engine.rl.logps import sequence_logps
+from polm.engine.rl.rollout import Rollout, completion_token_logps
 from polm.engine.tuning import is_peft
-from polm.plugins.alignment.logps import EncodedPair, collate_pairs, sequence_logps
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -37,7 +36,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 class ReferenceModel:
-    """Log-probs of the starting model of a preference stage.
+    """Log-probs of the starting model of a preference or RL stage.
 
     Args:
         policy: the prepared model the stage trains, before its first step.
@@ -91,16 +90,3 @@ class ReferenceModel:
         """(N, C) reference log-probs of each sampled token of ``rollout`` (0 on padding)."""
         with self.model(policy) as model:
             return completion_token_logps(model, rollout, temperature)[0]
-
-    def precompute(self, policy: torch.nn.Module, pairs: Sequence[EncodedPair], pad_token_id: int,
-                   batch_size: int, device: torch.device) -> list[EncodedPair]:
-        """``pairs`` with ``ref_logps`` filled in, scored ``batch_size`` pairs at a time on ``device``."""
-        if self.shares_policy:
-            policy.to(device)
-        done: list[EncodedPair] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id).items() if k != "ref_logps"}
-            chosen, rejected = self.logps(policy, batch).cpu().chunk(2)
-            done += [replace(pair, ref_logps=(float(c), float(r))) for pair, c, r in zip(chunk, chosen, rejected)]
-        return done
