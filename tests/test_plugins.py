@@ -203,14 +203,18 @@ def test_hook_that_raises_is_reported_by_plugin_name_and_builtins_still_register
 
 
 def test_every_hookspec_is_documented_and_prefixed():
-    """Every hook in polm.engine.hookspecs is a ``polm_register_*`` hook with a docstring."""
+    """Every hook in polm.engine.hookspecs has a docstring and the ``polm_`` prefix; the ``polm_register_*``
+    hooks match the registries one to one, and the others choose one plugin (``firstresult``)."""
     specs = {name: function for name, function in inspect.getmembers(hookspecs, inspect.isfunction)
              if hasattr(function, f"{hookspecs.PROJECT_NAME}_spec")}
     assert specs, "no hookspecs found"
     for name, function in specs.items():
-        assert name.startswith("polm_register_"), name
+        assert name.startswith("polm_"), name
         assert (function.__doc__ or "").strip(), f"{name} has no docstring"
-    assert set(specs) == {f"polm_register_{kind}" for kind in COMPONENT_KINDS}, "a hook without a registry, or back"
+    register_hooks = {name for name in specs if name.startswith("polm_register_")}
+    assert register_hooks == {f"polm_register_{kind}" for kind in COMPONENT_KINDS}, "a hook without a registry, or back"
+    for name in set(specs) - register_hooks:
+        assert getattr(specs[name], f"{hookspecs.PROJECT_NAME}_spec")["firstresult"], f"{name} is not firstresult"
 
 
 @pytest.mark.parametrize("kind", COMPONENT_KINDS)

@@ -19,10 +19,10 @@ import torch
 import polm
 from polm.engine.answers import answers_match
 from polm.engine.data import load_rows
-from polm.engine.evaluation import generate
+from polm.engine.evaluation import exact_match, generate, scaled_exact_match
 from polm.engine.recipe import load_recipe
 from polm.modalities.text.tasks.arithmetic import arithmetic_rows
-from polm.plugins.reasoning.scaling import pick_best, scaled_exact_match
+from polm.plugins.reasoning.scaling import pick_best
 
 REASONING_RECIPE = Path(__file__).parents[1] / "examples" / "recipes" / "reasoning.yaml"
 
@@ -122,7 +122,7 @@ def test_self_consistency_beats_greedy_decoding_of_the_same_checkpoint(long_path
     0.7, 56.7-60.0% at 1.0; nor on its GRPO stage's result (greedy 77.3%, 76.7-77.3% at 0.3)."""
     model, tokenizer = polm.load_model(long_paths_sft)
     rows = load_rows("polm:arithmetic-paths", "test")
-    greedy = scaled_exact_match(model, tokenizer, rows, "greedy", max_new_tokens=64)["exact_match"]
+    greedy = exact_match(model, tokenizer, rows, max_new_tokens=64)["exact_match"]
     voted = []
     for seed in range(3):
         torch.manual_seed(seed)

@@ -240,7 +240,7 @@ def _train_tab(app: gr.Blocks, runs: TrainingRuns) -> None:
 
 
 def _plugins_tab(app: gr.Blocks) -> None:
-    from polm.engine.cli import plugins_report
+    from polm.engine.plugins import plugins_report
     from polm.engine.registry import COMPONENT_KINDS
 
     gr.Markdown("Installed plugins and what each contributes (the data of `polm plugins --json`).")

@@ -1,4 +1,5 @@
-"""The ``polm`` command line: run, plugins, eval, quickstart, app.
+"""The ``polm`` command line: the built-in commands run, plugins, eval and quickstart, and the
+commands plugins add through ``polm_register_commands`` (``polm app`` comes from :mod:`polm.apps`).
 
 User errors print one line (``polm: error: ...``) and exit with status 2.
 """
@@ -13,10 +14,14 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from polm.engine.commands import Command
 from polm.engine.errors import PolmError
+from polm.engine.log import get_logger
+from polm.engine.plugins import plugins_report, registry
 
 QUICKSTART_RECIPE = "quickstart.yaml"
 console = Console()
@@ -24,55 +29,43 @@ console = Console()
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polm", description="Post-train language models: one engine, every method a plugin.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run a YAML recipe")
-    run.add_argument("recipe", help="path to the recipe")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. stages.0.lr=1e-4 (repeatable)")
-    run.add_argument("--output", help="run folder (default: the recipe's output_dir)")
-    run.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
-
-    plugins = commands.add_parser("plugins", help="list plugins and what each contributes")
-    plugins.add_argument("--json", action="store_true", help="machine-readable output")
-
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint or model on held-out data")
-    evaluate.add_argument("checkpoint", help="a checkpoint folder, a run stage folder, a hub id or a registered model")
-    evaluate.add_argument("--data", required=True, help="'polm:<name>' or a JSONL file")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--size", type=int, default=None, help="evaluate the first N rows only")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32)
-    scaling = evaluate.add_mutually_exclusive_group()
-    scaling.add_argument("--self-consistency", type=int, metavar="K", help="majority vote of K samples per question")
-    scaling.add_argument("--best-of-n", type=int, metavar="N", help="the best of N samples under --reward")
-    scaling.add_argument("--self-refine", type=int, metavar="ROUNDS", help="critique-and-revise for ROUNDS rounds")
-    evaluate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the K or N samples")
-    evaluate.add_argument("--reward", default="prm", help="the registered reward --best-of-n picks by (default prm)")
-    evaluate.add_argument("--reward-option", dest="reward_options", action="append", default=[], metavar="KEY=VALUE",
-                          help="an option of --reward, e.g. checkpoint=runs/x/01-prm (repeatable)")
-
-    quickstart = commands.add_parser("quickstart", help="post-train polm-tiny on the bundled task, offline")
-    quickstart.add_argument("--output", help="run folder (default: runs/quickstart-<time>)")
-
-    app = commands.add_parser("app", help="start the Gradio app: chat, rewards, training, plugins (extra 'app')")
-    app.add_argument("--checkpoint", dest="checkpoints", action="extend", nargs="+", default=[], metavar="DIR",
-                     help="run folders or checkpoint folders whose models the Chat tab offers (repeatable)")
-    app.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    app.add_argument("--port", type=int, default=7860)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    commands = dict(BUILT_IN_COMMANDS)
+    # A plugin's bad command is skipped with a warning rather than raised: it must not take the CLI down.
+    for entry in registry("commands").entries():
+        if entry.name in BUILT_IN_COMMANDS:
+            get_logger().warning(f'plugin "{entry.plugin}" registers the command \'{entry.name}\', which is '
+                                 "built in; ignored (register it under another name)")
+        elif not isinstance(entry.obj, Command):
+            get_logger().warning(f'plugin "{entry.plugin}" registers the command \'{entry.name}\' as a '
+                                 f"{type(entry.obj).__name__}; ignored (register a polm.engine.commands.Command)")
+        else:
+            commands[entry.name] = entry.obj
+    for name, command in commands.items():
+        subparser = subcommands.add_parser(name, help=command.help)
+        command.add_arguments(subparser)
+        subparser.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
-        return {"run": _run, "plugins": _plugins, "eval": _eval, "quickstart": _quickstart,
-                "app": _app}[arguments.command](arguments)
+        return arguments.run(arguments)
     except PolmError as error:
         print(f"polm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("polm: interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return 130
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to the recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. stages.0.lr=1e-4 (repeatable)")
+    parser.add_argument("--output", help="run folder (default: the recipe's output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -105,15 +98,8 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def plugins_report() -> dict[str, Any]:
-    """What ``polm plugins --json`` prints (and the app's Plugins tab shows).
-
-    Returns:
-        ``{"plugins": [{name, source, contributes: {kind: [names]}}], "problems": [lines]}``.
-    """
-    from polm.engine.plugins import plugin_problems, state
-
-    return {"plugins": [dict(info.__dict__) for info in state().describe()], "problems": plugin_problems()}
+def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _plugins(arguments: argparse.Namespace) -> int:
@@ -134,42 +120,50 @@ def _plugins(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint folder, a run stage folder, a hub id or a registered model")
+    parser.add_argument("--data", required=True, help="'polm:<name>' or a JSONL file")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--size", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--method", help="a registered inference-time scaling method, e.g. self_consistency "
+                                         "(polm plugins lists them; default: greedy decoding)")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of --method, e.g. k=8 or reward_options.checkpoint=runs/x/01-prm "
+                             "(repeatable; values read as YAML)")
+
+
 def _eval(arguments: argparse.Namespace) -> int:
     from polm.engine.evaluation import evaluate
 
-    if arguments.self_consistency or arguments.best_of_n or arguments.self_refine is not None:
-        metrics = _eval_scaled(arguments)
-    else:
-        metrics = evaluate(arguments.checkpoint, arguments.data, arguments.split, size=arguments.size,
-                           max_new_tokens=arguments.max_new_tokens, show_progress=True)
+    metrics = evaluate(arguments.checkpoint, arguments.data, arguments.split, size=arguments.size,
+                       max_new_tokens=arguments.max_new_tokens, show_progress=True, method=arguments.method,
+                       method_options=method_options(arguments.options))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _eval_scaled(arguments: argparse.Namespace) -> dict[str, float]:
-    """``polm eval`` with an inference-time scaling method (see :mod:`polm.plugins.reasoning.scaling`)."""
-    import yaml
+def method_options(items: list[str]) -> dict[str, Any]:
+    """``--option`` values as keyword options: ``["n=8", "reward_options.checkpoint=runs/x"]`` ->
+    ``{"n": 8, "reward_options": {"checkpoint": "runs/x"}}``; values are read as YAML, as in a recipe."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise PolmError(f"--option expects KEY=VALUE, got '{item}'; for example --option k=8")
+        *parents, leaf = key.split(".")
+        target = options
+        for depth, parent in enumerate(parents):
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise PolmError(f"--option '{item}': '{'.'.join(parents[:depth + 1])}' is already set to a value, "
+                                "so it cannot hold options")
+        target[leaf] = yaml.safe_load(value)
+    return options
 
-    from polm.engine.data import load_rows
-    from polm.engine.models import load_model
-    from polm.plugins.reasoning.scaling import scaled_exact_match
 
-    if arguments.self_consistency:
-        method, settings = "self_consistency", {"k": arguments.self_consistency, "temperature": arguments.temperature}
-    elif arguments.best_of_n:
-        options = {}
-        for item in arguments.reward_options:
-            key, separator, value = item.partition("=")
-            if not separator:
-                raise PolmError(f"--reward-option expects KEY=VALUE, got '{item}'")
-            options[key] = yaml.safe_load(value)  # numbers and booleans as in a recipe
-        method, settings = "best_of_n", {"n": arguments.best_of_n, "reward": arguments.reward,
-                                         "reward_options": options, "temperature": arguments.temperature}
-    else:
-        method, settings = "self_refine", {"rounds": arguments.self_refine}
-    model, tokenizer = load_model(arguments.checkpoint)
-    rows = load_rows(arguments.data, arguments.split)[: arguments.size or None]
-    return scaled_exact_match(model, tokenizer, rows, method, arguments.max_new_tokens, **settings)
+def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", help="run folder (default: runs/quickstart-<time>)")
 
 
 def _quickstart(arguments: argparse.Namespace) -> int:
@@ -186,11 +180,12 @@ def _quickstart(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _app(arguments: argparse.Namespace) -> int:
-    from polm.apps.server import launch
-
-    launch(arguments.checkpoints, host=arguments.host, port=arguments.port)
-    return 0
+BUILT_IN_COMMANDS: dict[str, Command] = {
+    "run": Command("run a YAML recipe", _run_arguments, _run),
+    "plugins": Command("list plugins and what each contributes", _plugins_arguments, _plugins),
+    "eval": Command("evaluate a checkpoint or model on held-out data", _eval_arguments, _eval),
+    "quickstart": Command("post-train polm-tiny on the bundled task, offline", _quickstart_arguments, _quickstart),
+}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 Each ``polm_register_*`` hook receives a ``register(name, obj, **metadata)``
 callback. A plugin calls it once per thing it contributes; the plugin manager
 collects the calls into the matching :class:`~polm.engine.registry.Registry`.
+The other hooks choose one plugin for a job (``firstresult``): the first
+plugin to answer with something other than None does it, for example
+:func:`polm_load_model` for a model folder only that plugin can read.
 Built-in paradigms and third-party distributions (entry-point group ``polm``)
 use the same hooks, so a pip-installed plugin is a first-class citizen.
 
@@ -17,9 +20,13 @@ Write an implementation like this::
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
+
+if TYPE_CHECKING:
+    import torch
 
 PROJECT_NAME = "polm"
 
@@ -106,4 +113,47 @@ def polm_register_models(register: Register) -> None:
 
     ``obj`` is a zero-argument callable returning ``(model, tokenizer)``,
     for example the embedded default ``polm-tiny``.
+    """
+
+
+@hookspec
+def polm_register_inference_methods(register: Register) -> None:
+    """Contribute inference-time scaling methods, chosen with ``polm eval --method NAME``.
+
+    ``obj`` is a callable ``(model, tokenizer, rows, *, max_new_tokens, **options) ->
+    list[str]`` returning one completion per row; a row holds the ``prompt`` and the
+    dataset's other columns. Its keyword parameters other than ``max_new_tokens`` are the
+    options ``--option KEY=VALUE`` sets: the engine checks them against the signature before
+    it loads the model, then grades the completions with ``exact_match``
+    (:func:`polm.engine.evaluation.scaled_exact_match`).
+    """
+
+
+@hookspec
+def polm_register_commands(register: Register) -> None:
+    """Contribute ``polm NAME`` commands.
+
+    Called when the command line builds its parser. ``obj`` is a
+    :class:`polm.engine.commands.Command`: its help line, a function that adds its
+    arguments to the command's ``argparse`` parser, and a function that runs it on the
+    parsed arguments and returns the exit status. A name of a built-in command (``run``,
+    ``plugins``, ``eval``, ``quickstart``) is refused with a warning.
+    """
+
+
+@hookspec(firstresult=True)
+def polm_load_model(path: Path, tokenizer: Any) -> tuple[torch.nn.Module, Any] | None:
+    """Load a model folder that this plugin knows how to read.
+
+    :func:`polm.engine.models.load_model` asks for every local folder (a run's stage folder
+    is first resolved to its ``final/``) before it falls back to ``from_pretrained``.
+    Plugins are asked in turn, the last registered first, and the first answer that is not
+    None wins; the others are not asked.
+
+    Args:
+        path: the folder.
+        tokenizer: the tokenizer the caller passed, or None to load the folder's own.
+
+    Returns:
+        ``(model, tokenizer)``, or None for a folder this plugin does not claim.
     """

@@ -18,9 +18,9 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
 
     Args:
         spec: a name registered through ``polm_register_models`` (``"polm-tiny"``),
-            a local folder or Hugging Face hub id (``from_pretrained``; peft
-            adapter folders load with their base; a saved multimodal model
-            loads with its encoders and connectors), or a model object.
+            a local folder (one a plugin claims through ``polm_load_model``, such
+            as a saved multimodal model, or else ``from_pretrained``; peft adapter
+            folders load with their base), a Hugging Face hub id, or a model object.
         tokenizer: required with a model object, optional otherwise.
 
     Raises:
@@ -32,7 +32,7 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
         return spec, _ready(tokenizer)
     if not isinstance(spec, (str, Path)):
         raise PolmError(f"model must be a name, a path or a model object, got {type(spec).__name__}")
-    from polm.engine.plugins import registry
+    from polm.engine.plugins import plugin_manager, registry
 
     models = registry("models")
     spec = str(spec)
@@ -43,11 +43,6 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     path = Path(spec)
     if path.is_dir() and (path / "final").is_dir():
         path = path / "final"  # a stage folder of a run
-    from polm.modalities.multimodal.build import is_multimodal_folder, load_multimodal
-
-    if is_multimodal_folder(path):  # a language model joined to encoders, saved as one folder
-        with no_transformers_progress():
-            return load_multimodal(path, tokenizer)
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise PolmError(
             f"model '{spec}' is neither a folder nor a registered model.{did_you_mean(spec, models)} "
@@ -55,28 +50,29 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
         )
     try:
         with no_transformers_progress():
-            return _from_pretrained(str(path) if path.exists() else spec, tokenizer)
+            # A plugin may claim a local folder it knows how to read (polm_load_model), before from_pretrained.
+            claimed = plugin_manager().hook.polm_load_model(path=path, tokenizer=tokenizer) if path.is_dir() else None
+            if claimed is None:
+                claimed = _from_pretrained(str(path) if path.exists() else spec, tokenizer)
+            model, loaded_tokenizer = claimed
     except OSError as error:
         raise PolmError(
             f"could not load model '{spec}': {str(error).splitlines()[0]}. Registered models: {', '.join(models)}"
         ) from None
+    return model, _ready(loaded_tokenizer)
 
 
 def _from_pretrained(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    """A transformers model, or a peft adapter with its base, and the folder's tokenizer unless one is given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (Path(source) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(source)
-        if model.active_peft_config.is_prompt_learning:
-            # peft's virtual-token generation needs polm's fix with transformers 5 (see that module).
-            from polm.plugins.finetuning.tuning.virtual_tokens import fix_generation
-
-            fix_generation(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(source)
-    return model, _ready(tokenizer or AutoTokenizer.from_pretrained(source))
+    return model, tokenizer or AutoTokenizer.from_pretrained(source)
 
 
 def _ready(tokenizer: Any) -> Any:

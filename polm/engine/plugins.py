@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "polm.plugins.reasoning",
     "polm.plugins.efficiency",
     "polm.plugins.integration",
+    "polm.apps",
 )
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 AUTOLOAD_SWITCH = "POLM_DISABLE_PLUGIN_AUTOLOAD"
@@ -171,3 +172,12 @@ def plugin_problems() -> list[str]:
 def components(kind: str) -> dict[str, Any]:
     """Registered components of ``kind`` by name, e.g. ``components("rewards")``."""
     return registry(kind).as_dict()
+
+
+def plugins_report() -> dict[str, Any]:
+    """What ``polm plugins --json`` prints and the app's Plugins tab shows.
+
+    Returns:
+        ``{"plugins": [{name, source, contributes: {kind: [names]}}], "problems": [lines]}``.
+    """
+    return {"plugins": [dict(info.__dict__) for info in state().describe()], "problems": plugin_problems()}

@@ -19,6 +19,8 @@ COMPONENT_KINDS: tuple[str, ...] = (
     "connectors",
     "datasets",
     "models",
+    "inference_methods",
+    "commands",
 )
 
 

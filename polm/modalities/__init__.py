@@ -4,12 +4,14 @@ This package is a built-in plugin: it registers the ``polm-tiny`` model, the
 encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
 datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-paths``,
 ``polm:arithmetic-prefs``, ``polm:arithmetic-think``, ``polm:arithmetic-steps``, ``polm:shapes`` and
-``polm:tones``.
+``polm:tones``; and it loads saved multimodal models (``polm_load_model``).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 from polm.engine.data import BundledDataset
 from polm.engine.hookspecs import Register, hookimpl
@@ -20,6 +22,14 @@ def polm_register_models(register: Register) -> None:
     from polm.modalities.text.tiny import load_tiny
 
     register("polm-tiny", load_tiny, description="embedded ~3M-parameter Llama-style base model, offline")
+
+
+@hookimpl
+def polm_load_model(path: Path, tokenizer: Any) -> tuple[Any, Any] | None:
+    """A saved multimodal model (a language model joined to encoders in one folder); other folders are not ours."""
+    from polm.modalities.multimodal.build import is_multimodal_folder, load_multimodal
+
+    return load_multimodal(path, tokenizer) if is_multimodal_folder(path) else None
 
 
 @hookimpl

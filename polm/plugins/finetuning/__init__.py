@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import torch
+
 from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.tuning import FullTuning
 from polm.plugins.finetuning.rft import RFTStage
@@ -16,6 +21,7 @@ from polm.plugins.finetuning.tuning import (
     PromptTuning,
     QLoraTuning,
 )
+from polm.plugins.finetuning.tuning.virtual_tokens import is_virtual_token_adapter, load_virtual_token_adapter
 
 
 @hookimpl
@@ -35,3 +41,9 @@ def polm_register_tuning_methods(register: Register) -> None:
     register("ia3", IA3Tuning(), description="learned rescaling of keys, values and MLP activations (peft)")
     register("prefix", PrefixTuning(), description="trained keys and values before every sequence (peft)")
     register("prompt", PromptTuning(), description="trained input embeddings before every sequence (peft)")
+
+
+@hookimpl
+def polm_load_model(path: Path, tokenizer: Any) -> tuple[torch.nn.Module, Any] | None:
+    """A saved prefix or prompt adapter loads with peft and polm's generation fix; other folders are not ours."""
+    return load_virtual_token_adapter(path, tokenizer) if is_virtual_token_adapter(path) else None

@@ -1,4 +1,5 @@
-"""The reasoning paradigm: rewards on answers, form and steps; the ``grpo`` and ``prm`` stages."""
+"""The reasoning paradigm: rewards on answers, form and steps; the ``grpo`` and ``prm`` stages; and the
+inference-time scaling methods ``self_consistency``, ``best_of_n`` and ``self_refine``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from polm.engine.hookspecs import Register, hookimpl
 from polm.plugins.reasoning.grpo import GRPOStage
 from polm.plugins.reasoning.prm import PRMStage, prm_reward
 from polm.plugins.reasoning.rewards import accuracy_reward, format_reward, length_reward, repetition_reward
+from polm.plugins.reasoning.scaling import best_of_n, self_consistency, self_refine
 
 
 @hookimpl
@@ -21,3 +23,13 @@ def polm_register_rewards(register: Register) -> None:
     register("length", length_reward, description="length penalty in [-1, 0]: shorter, or closer to 'target' chars")
     register("repetition", repetition_reward, description="n-gram repetition penalty in [-1, 0]")
     register("prm", prm_reward, description="a process reward model's min (or prod) step score; option checkpoint")
+
+
+@hookimpl
+def polm_register_inference_methods(register: Register) -> None:
+    register("self_consistency", self_consistency,
+             description="majority vote of k samples per question (options k, temperature, top_p, stop_strings)")
+    register("best_of_n", best_of_n,
+             description="the best of n samples under a registered reward (options n, reward, reward_options, ...)")
+    register("self_refine", self_refine,
+             description="critique-and-revise for a number of rounds (options rounds, critique_tokens, templates)")

@@ -8,8 +8,9 @@
 * :func:`self_refine`: the model critiques its answer, then revises it, for ``rounds`` rounds
   (Madaan et al. 2023, "Self-Refine: Iterative Refinement with Self-Feedback", arXiv:2303.17651).
 
-Each returns one completion per prompt, so :func:`scaled_exact_match` (and ``polm eval``) can
-grade them like greedy completions.
+Each is an inference method as ``polm_register_inference_methods`` defines them: it takes rows and
+returns one completion per row, which the engine grades like greedy completions
+(:func:`polm.engine.evaluation.scaled_exact_match`, ``polm eval --method NAME``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from typing import Any
 
 import torch
 
-from polm.engine.answers import answers_match, extract_answer
+from polm.engine.answers import extract_answer
 from polm.engine.data import Row
 from polm.engine.errors import PolmError
-from polm.engine.evaluation import generate, reference
+from polm.engine.evaluation import generate
 from polm.engine.rewards import score_weighted
 
-METHODS = ("greedy", "self_consistency", "best_of_n", "self_refine")
 CRITIQUE_TEMPLATE = "Check the answer above step by step. Is it right? Say what is wrong, if anything."
 REVISE_TEMPLATE = "Taking that into account, answer the question again: {prompt}"
 
@@ -49,14 +49,14 @@ def majority_vote(completions: Sequence[str], k: int) -> list[str]:
     return chosen
 
 
-def self_consistency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str | list[Row]], k: int = 8,
+def self_consistency(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], k: int = 8,
                      temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 32,
                      stop_strings: Sequence[str] = ()) -> list[str]:
-    """The majority answer of ``k`` samples per prompt (see :func:`majority_vote`), one completion per prompt."""
+    """The majority answer of ``k`` samples of each row's ``prompt`` (see :func:`majority_vote`)."""
     if k < 1:
         raise PolmError(f"self_consistency needs k >= 1 samples, got {k}")
-    completions = generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                           num_samples=k, stop_strings=stop_strings)
+    completions = generate(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens,
+                           temperature=temperature, top_p=top_p, num_samples=k, stop_strings=stop_strings)
     return majority_vote(completions, k)
 
 
@@ -86,10 +86,10 @@ def best_of_n(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], n: in
     return pick_best(rows, completions, n, reward, reward_options)
 
 
-def self_refine(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], rounds: int = 1,
+def self_refine(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], rounds: int = 1,
                 critique_template: str = CRITIQUE_TEMPLATE, revise_template: str = REVISE_TEMPLATE,
                 max_new_tokens: int = 32, critique_tokens: int = 64) -> list[str]:
-    """Greedy answers improved by ``rounds`` of critique-and-revise in one chat.
+    """Greedy answers to each row's text ``prompt`` improved by ``rounds`` of critique-and-revise in one chat.
 
     Each round asks the model ``critique_template`` about its last answer, then
     ``revise_template`` (``{prompt}`` is the question) for a new answer. A model
@@ -99,6 +99,7 @@ def self_refine(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], 
         raise PolmError(f"self_refine needs rounds >= 0, got {rounds}")
     if "{prompt}" not in revise_template:
         raise PolmError("self_refine's revise_template must contain '{prompt}' (the question)")
+    prompts = [row["prompt"] for row in rows]
     chats: list[list[Row]] = [[{"role": "user", "content": prompt}] for prompt in prompts]
     answers = generate(model, tokenizer, chats, max_new_tokens)
     for _ in range(rounds):
@@ -110,33 +111,3 @@ def self_refine(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], 
                  for chat, critique, prompt in zip(chats, critiques, prompts)]
         answers = generate(model, tokenizer, chats, max_new_tokens)
     return answers
-
-
-def scaled_exact_match(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], method: str = "greedy",
-                       max_new_tokens: int = 32, **settings: Any) -> dict[str, float]:
-    """``exact_match`` (overall and per ``level``) of the completions ``method`` picks.
-
-    Args:
-        method: one of ``greedy``, ``self_consistency``, ``best_of_n``, ``self_refine``.
-        settings: that method's keyword arguments (``k``, ``n``, ``reward``, ``rounds``, ``temperature``...).
-    """
-    rows = [row for row in rows if reference(row) is not None]
-    if not rows:
-        raise PolmError("exact_match needs rows with an 'answer' or 'completion' to compare against")
-    prompts = [row["prompt"] for row in rows]
-    if method == "greedy":
-        completions = generate(model, tokenizer, prompts, max_new_tokens)
-    elif method == "self_consistency":
-        completions = self_consistency(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **settings)
-    elif method == "best_of_n":
-        completions = best_of_n(model, tokenizer, rows, max_new_tokens=max_new_tokens, **settings)
-    elif method == "self_refine":
-        completions = self_refine(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **settings)
-    else:
-        raise PolmError(f"unknown inference method '{method}'; choose one of {', '.join(METHODS)}")
-    hits = [answers_match(completion, reference(row)) for completion, row in zip(completions, rows)]
-    metrics = {"exact_match": sum(hits) / len(hits)}
-    for level in sorted({row["level"] for row in rows if "level" in row}):
-        chosen = [hit for hit, row in zip(hits, rows) if row.get("level") == level]
-        metrics[f"exact_match/level_{level}"] = sum(chosen) / len(chosen)
-    return metrics

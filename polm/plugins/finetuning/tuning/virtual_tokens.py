@@ -14,11 +14,15 @@ Two adjustments make the ``PeftModel`` behave like the model it wraps:
 * peft drops ``position_ids`` for prompt tuning, so in a left-padded batch the padding sits between
   the virtual tokens and the text and shifts their rotary distance. :func:`fix_generation` numbers
   positions from the attention mask, as ``generate`` does for plain models.
+
+A saved prefix or prompt adapter needs the fix too when it is loaded again, so the fine-tuning plugin
+claims such folders through ``polm_load_model`` (:func:`load_virtual_token_adapter`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,3 +181,26 @@ def fix_generation(model: torch.nn.Module) -> None:
 
     # peft's generate installs the model's prepare_inputs_for_generation on the base model for the call.
     model.prepare_inputs_for_generation = prepare_inputs
+
+
+def is_virtual_token_adapter(folder: Path) -> bool:
+    """Whether ``folder`` holds a peft prompt-learning adapter (prefix, prompt or p-tuning)."""
+    if not (folder / "adapter_config.json").is_file():
+        return False
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(folder)).is_prompt_learning
+
+
+def load_virtual_token_adapter(folder: Path, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of a saved prefix or prompt adapter, with its base and the generation fix.
+
+    Raises:
+        OSError: the base model or the tokenizer cannot be loaded (``load_model`` reports it).
+    """
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    fix_generation(model)
+    return model, tokenizer or AutoTokenizer.from_pretrained(str(folder))
