@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import polm
 from polm.engine.encoding import encode_row, pad_batch
-from polm.modalities.text.tiny import TINY_MODEL_DIR
 from polm.engine.lm import completion_loss
+from polm.modalities.text.tiny import TINY_MODEL_DIR
 
 
 def mixed_length_rows(count: int, seed: int = 0) -> list[dict]:

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import polm
-from polm.engine.plugins import AUTOLOAD_SWITCH, DEFAULT_PLUGINS
 from polm.engine.lm import completion_loss
+from polm.engine.plugins import AUTOLOAD_SWITCH, DEFAULT_PLUGINS
 
 SHOUT_SOURCE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "polm-shout"
 BROKEN_MESSAGE = "polm_broken needs libfoo, which is not installed"

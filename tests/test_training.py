@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import polm
 from polm.engine.encoding import IGNORE_INDEX
-from polm.engine.trainer import optimizer_groups
 from polm.engine.lm import completion_loss
+from polm.engine.trainer import optimizer_groups
 
 
 def test_completion_loss_matches_hand_computation():
