@@ -85,13 +85,13 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(random_model, tokenize
     torch.manual_seed(0)
     with reward_plugin():
         step = GRPOStep(options, tokenizer, {"fixed_for_first_prompt": 1.0}, None)
-        batch = step.generate(random_model, rows)
-    assert batch.metrics["groups_kept"] == 0.5
-    assert len(batch.rollout.texts) == 4 and batch.advantages.shape == (4,)
+        buffer = step.collect(random_model, rows)
+    rollout = buffer.fields["rollout"]
+    assert buffer.metrics["groups_kept"] == 0.5
+    assert len(rollout.texts) == 4 and buffer.fields["advantages"].shape == (4,)
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 * 4?"}], tokenize=False,
                                              add_generation_prompt=True)
-    kept_prompts = {tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch.rollout.prompt_ids,
-                                                                              batch.rollout.prompt_mask)}
+    kept_prompts = {tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask)}
     assert kept_prompts == {expected}
 
 

@@ -135,7 +135,8 @@ def ppo_options(reward, **overrides):
 @pytest.mark.parametrize("tuning", ["full", "lora"])
 def test_ppo_logs_its_metrics_and_saves_a_plain_policy_and_a_value_head(random_model, tokenizer, tmp_path,
                                                                          length_reward, tuning):
-    """Each step logs the losses, the rollout's score and KL; one rollout serves ppo_epochs = 2 steps.
+    """Each step logs the losses; the step that samples a rollout also logs its score and KL, once, and the
+    next step (ppo_epochs = 2) replays it.
 
     The policy's folder loads with plain transformers; the value head is saved beside it.
     """
@@ -146,9 +147,9 @@ def test_ppo_logs_its_metrics_and_saves_a_plain_policy_and_a_value_head(random_m
     logged = training_records(tmp_path / "run" / "00-ppo")
     assert {"loss", "policy_loss", "value_loss", "score", "kl", "clip_fraction", "value_clip_fraction",
             "approx_kl"} <= logged[0].keys()
-    assert logged[0]["score"] == logged[1]["score"] and logged[2]["score"] == logged[3]["score"]
+    assert [("score" in record) for record in logged] == [True, False, True, False], "a rollout every 2 steps"
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the reference itself"
-    assert all(math.isfinite(record["kl"]) for record in logged)
+    assert math.isfinite(logged[2]["kl"])
     assert logged[0]["clip_fraction"] == 0.0, "the first update of a rollout has ratio 1"
     stage_dir = tmp_path / "run" / "00-ppo"
     if tuning == "full":
@@ -167,10 +168,11 @@ def test_prompt_baseline_scores_each_sample_against_the_other_samples_of_its_pro
                                        whiten_advantages=False))
     step = PPOStep(options, tokenizer, lambda rows, completions: torch.tensor([1.0, 3.0, 0.0, 4.0]),
                    ReferenceModel(random_model), ValueHead(32))
-    buffer = step.collect(random_model, PROMPTS[:2])
-    mask = buffer.rollout.completion_mask.float()
+    with torch.no_grad():  # as the training loop calls it
+        buffer = step.collect(random_model, PROMPTS[:2])
+    mask = buffer.fields["rollout"].completion_mask.float()
     expected = torch.tensor([-2.0, 2.0, -4.0, 4.0])[:, None] * mask
-    assert_close(buffer.advantages, expected)
+    assert_close(buffer.fields["advantages"], expected)
     assert buffer.metrics["score"] == 2.0, "the logged score is the reward model's, before the baseline"
 
 
@@ -199,7 +201,6 @@ def test_ppo_resumes_exactly_in_the_middle_of_a_rollout(random_model, tokenizer,
 @pytest.mark.parametrize("options, message", [
     ({}, "set 'reward_model'"),
     ({"rewards": {"acuracy": 1.0}}, r"unknown reward 'acuracy'\. Did you mean 'accuracy'\?"),
-    ({"rewards": {"accuracy": 1.0}, "grad_accum": 2}, "set 'minibatches' instead of 'grad_accum'"),
     ({"rewards": {"accuracy": 1.0}, "batch_size": 3, "minibatches": 2}, r"'minibatches' \(2\) must divide"),
     ({"rewards": {"accuracy": 1.0}, "prompt_baseline": True}, "set 'samples' to 2 or more"),
 ])

@@ -3,7 +3,9 @@
 A checkpoint folder holds the model as ``save_pretrained`` writes it
 (safetensors; a peft adapter for adapter methods), the tokenizer, and
 ``trainer_state.json`` / ``optimizer.pt`` / ``scheduler.pt`` /
-``rng_state_<rank>.pt`` so that a resumed run continues bit for bit.
+``rng_state_<rank>.pt`` (one per process) and, for an on-policy stage in the
+middle of a generation batch, ``rollout_buffer.pt`` (each process's buffer and
+the updates it has made), so that a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from polm.engine.quiet import no_transformers_progress
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+BUFFER_FILE = "rollout_buffer.pt"
 
 
 @contextmanager
@@ -72,11 +75,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(
-    directory: Path, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int, extra: dict
+    directory: Path, step: int, optimizer: torch.optim.Optimizer, scheduler: Any, rng_states: list[dict[str, Any]],
+    extra: dict,
 ) -> None:
+    """Write the step, the optimizer and scheduler states and ``rng_states`` (one :func:`rng_state` per process,
+    by rank)."""
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-    torch.save(rng_state(), directory / f"rng_state_{rank}.pt")
+    for rank, state in enumerate(rng_states):
+        torch.save(state, directory / f"rng_state_{rank}.pt")
     (directory / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=2))
 
 
@@ -85,6 +92,18 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(directory / f"rng_state_{rank}.pt", weights_only=False))
     return json.loads((directory / STATE_FILE).read_text())
+
+
+def save_rollout_buffers(directory: Path, states: list[dict[str, Any] | None]) -> None:
+    """Write each process's rollout buffer state (by rank; None where a process has none), if any has one."""
+    if any(state is not None for state in states):
+        torch.save(states, directory / BUFFER_FILE)
+
+
+def load_rollout_buffer(directory: Path, rank: int) -> dict[str, Any] | None:
+    """The buffer state process ``rank`` saved in ``directory``, or None."""
+    path = directory / BUFFER_FILE
+    return torch.load(path, weights_only=False)[rank] if path.is_file() else None
 
 
 def checkpoint_name(step: int) -> str:

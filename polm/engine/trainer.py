@@ -1,14 +1,22 @@
 """The Accelerate training loop every training stage shares.
 
-A stage supplies its rows, a ``collate`` that turns a list of rows into a
-batch, and a ``compute_loss(model, batch) -> (loss, metrics)``; the loop does
-the rest: data order, gradient accumulation, clipping, the LR schedule,
-mixed precision where the device supports it, periodic evaluation, progress,
-``metrics.jsonl``, trackers, checkpoints and exact resume.
+A stage gives the loop one of two tasks. A :class:`TrainingTask` has rows, a
+``collate`` that turns a list of rows into a batch, and a
+``compute_loss(model, batch) -> (loss, metrics)``. An :class:`OnPolicyTask`
+(GRPO, PPO, online DPO) has prompt rows, a ``collect(model, rows) ->
+RolloutBuffer`` that samples and scores without gradients, and a
+``loss(model, micro_batch) -> (loss, metrics, tokens)``; the loop collects a
+generation batch, makes the buffer's updates one optimizer step each, and
+normalises each update's loss over the whole accumulation window (see
+:mod:`polm.engine.rl.on_policy`). The loop does the rest: data order, gradient
+accumulation, clipping, the LR schedule, mixed precision where the device
+supports it, periodic evaluation, progress, ``metrics.jsonl``, trackers,
+checkpoints and exact resume.
 
 Exact resume: the order of rows is a pure function of the seed and the epoch,
 so a resumed run recomputes where it was instead of replaying the data; the
-optimizer, scheduler and RNG states are restored from the checkpoint.
+optimizer, scheduler and RNG states (of every process) and an on-policy
+stage's unfinished rollout buffer are restored from the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import is_tensorboard_available
+from accelerate.utils import gather_object, is_tensorboard_available
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,12 +49,17 @@ from polm.engine.checkpoint import (
     atomic_directory,
     checkpoint_name,
     latest_checkpoint,
+    load_rollout_buffer,
     load_training_state,
+    rng_state,
     save_model,
+    save_rollout_buffers,
     save_training_state,
 )
+from polm.engine.data import Row
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
+from polm.engine.rl.on_policy import Collect, MicroBatchLoss, OnPolicySteps
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.tuning import tuning_method
 
@@ -55,31 +68,90 @@ LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, dict[str, float
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass
-class TrainingTask:
-    """What a stage gives the loop.
+@dataclass(kw_only=True)
+class Task:
+    """What every task gives the loop besides its losses.
 
     Attributes:
         rows: the training items (encoded examples, prompts, pairs, ...).
-        collate: ``list of items -> batch``.
-        compute_loss: ``(model, batch) -> (scalar loss, metrics)``.
         evaluate: ``model -> held-out metrics``; called every ``eval_every`` steps and at the end.
-        count_tokens: tokens in a batch for tokens/s; defaults to the attention mask's sum.
         extra_parameters: trained with the model's (a value head); on several processes the loop averages
             their gradients, which no DDP wrapper does for them.
-        save_state: ``folder -> None`` writes the stage's own state beyond the model (a value head, a
-            rollout buffer) into each checkpoint folder; called by the main process only.
+        save_state: ``folder -> None`` writes the stage's own state beyond the model (a value head) into each
+            checkpoint folder; called by the main process only.
         load_state: ``folder -> None`` reads it back when a run resumes from that checkpoint.
     """
 
     rows: Sequence[Any]
-    collate: Callable[[list[Any]], Batch]
-    compute_loss: LossFn
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
-    count_tokens: Callable[[Batch], int] | None = None
     extra_parameters: Sequence[torch.nn.Parameter] = ()
     save_state: Callable[[Path], None] | None = None
     load_state: Callable[[Path], None] | None = None
+
+
+@dataclass(kw_only=True)
+class TrainingTask(Task):
+    """What a stage that trains on its rows gives the loop (and ``rows``, ``evaluate``, ... of :class:`Task`).
+
+    Attributes:
+        collate: ``list of items -> batch``.
+        compute_loss: ``(model, batch) -> (scalar loss, metrics)``; the loop divides it by ``grad_accum``.
+        count_tokens: tokens in a batch for tokens/s; defaults to the attention mask's sum.
+    """
+
+    collate: Callable[[list[Any]], Batch]
+    compute_loss: LossFn
+    count_tokens: Callable[[Batch], int] | None = None
+
+
+@dataclass(kw_only=True)
+class OnPolicyTask(Task):
+    """What an on-policy stage gives the loop: it trains on samples of the policy it trains.
+
+    ``rows`` are prompts. Each generation batch takes the prompts of the step that collects it (``batch_size``
+    per micro-batch, ``grad_accum`` micro-batches, on each process); see :mod:`polm.engine.rl.on_policy`.
+
+    Attributes:
+        collect: ``(model, rows) -> RolloutBuffer``, called without gradients: sample, score, and compute what
+            the updates compare against (advantages, reference and sampling-policy log-probs); the buffer lists
+            its updates and weighs its samples for the loss normalisation.
+        loss: ``(model, micro_batch) -> (loss, metrics, tokens)``: the micro-batch's loss reduced over its own
+            samples as their weights say, its metrics, and the prompt and completion tokens trained (tokens/s).
+    """
+
+    collect: Collect
+    loss: MicroBatchLoss
+
+
+class _SupervisedSteps:
+    """A :class:`TrainingTask`'s micro-batches: each one collated from its rows, its loss divided by ``grad_accum``.
+
+    It answers the loop as :class:`~polm.engine.rl.on_policy.OnPolicySteps` does: ``prepare`` with the rows of a
+    step's micro-batches, ``loss`` of each micro-batch, and ``state`` / ``load_state`` for checkpoints (none here).
+    """
+
+    def __init__(self, task: TrainingTask, grad_accum: int, device: torch.device) -> None:
+        self.task = task
+        self.grad_accum = grad_accum
+        self.device = device
+        self.count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
+        self.micro_batch_rows: list[list[Row]] = []
+
+    def prepare(self, model: torch.nn.Module, micro_batch_rows: list[list[Row]]) -> dict[str, float]:
+        self.micro_batch_rows = micro_batch_rows
+        return {}
+
+    def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
+        batch = self.task.collate(self.micro_batch_rows[micro])
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss, metrics = self.task.compute_loss(model, batch)
+        return loss / self.grad_accum, loss, metrics, self.count_tokens(batch)
+
+    def state(self) -> None:
+        return None
+
+    def load_state(self, state: None) -> None:
+        pass
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -167,7 +239,7 @@ def _progress(name: str, enabled: bool) -> Progress:
     )
 
 
-def train(name: str, context: StageContext, options: StageOptions, task: TrainingTask) -> StageOutput:
+def train(name: str, context: StageContext, options: StageOptions, task: TrainingTask | OnPolicyTask) -> StageOutput:
     """Train ``context.model`` on ``task`` following ``options``; see the module docstring."""
     stage_dir = context.stage_dir
     accelerator = make_accelerator(options.mixed_precision, stage_dir)
@@ -186,13 +258,18 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     model, optimizer = accelerator.prepare(model, optimizer)
     tuning = tuning_method(options)
     metrics_path = stage_dir / METRICS_FILE
-    count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
+    if isinstance(task, OnPolicyTask):
+        source: _SupervisedSteps | OnPolicySteps = OnPolicySteps(task.collect, task.loss, options.grad_accum,
+                                                                 accelerator)
+    else:
+        source = _SupervisedSteps(task, options.grad_accum, accelerator.device)
 
     start = 0
     checkpoint = latest_checkpoint(stage_dir) if context.resume else None
     if checkpoint is not None:
         tuning.load_weights(accelerator.unwrap_model(model), checkpoint)
         start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
+        source.load_state(load_rollout_buffer(checkpoint, accelerator.process_index))
         if task.load_state is not None:
             task.load_state(checkpoint)
         if accelerator.is_main_process:
@@ -202,10 +279,12 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
 
     def save_checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
+        rng_states, buffers = gather_object([rng_state()]), gather_object([source.state()])  # one per process
         if accelerator.is_main_process:
             with atomic_directory(stage_dir / checkpoint_name(step)) as directory:
                 save_model(accelerator.unwrap_model(model), context.tokenizer, directory)
-                save_training_state(directory, step, optimizer, scheduler, accelerator.process_index, {"stage": name})
+                save_training_state(directory, step, optimizer, scheduler, rng_states, {"stage": name})
+                save_rollout_buffers(directory, buffers)
                 if task.save_state is not None:
                     task.save_state(directory)
 
@@ -239,19 +318,24 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         model.train()
         try:
             while step < steps:
+                micro_batch_rows = []
                 for micro in range(options.grad_accum):
                     indices = order.indices(step * options.grad_accum + micro)
                     shard = indices[accelerator.process_index :: accelerator.num_processes] or indices
-                    batch = task.collate([task.rows[i] for i in shard])
-                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    micro_batch_rows.append([task.rows[i] for i in shard])
+                with accelerator.autocast():
+                    collected = source.prepare(model, micro_batch_rows)
+                for key, value in collected.items():
+                    window[key].append(float(value))
+                for micro in range(options.grad_accum):
                     sync = nullcontext() if micro == options.grad_accum - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        loss, metrics = task.compute_loss(model, batch)
-                        accelerator.backward(loss / options.grad_accum)
+                        scaled_loss, loss, metrics, tokens = source.loss(model, micro)
+                        accelerator.backward(scaled_loss)
                     window["loss"].append(float(loss.detach()))
                     for key, value in metrics.items():
                         window[key].append(float(value))
-                    window_tokens += count_tokens(batch) * accelerator.num_processes
+                    window_tokens += tokens * accelerator.num_processes
                 if accelerator.num_processes > 1:
                     for parameter in task.extra_parameters:
                         if parameter.grad is not None:

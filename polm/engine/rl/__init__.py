@@ -13,6 +13,10 @@ other:
   DAPO's group filter and masked statistics.
 * :mod:`~polm.engine.rl.losses`: the clipped policy objective of GRPO and PPO,
   the k3 KL and the per-token reductions.
+* :mod:`~polm.engine.rl.buffer`: the rollout buffer of one generation batch
+  (:class:`RolloutBuffer`) and the micro-batches its updates are cut into.
+* :mod:`~polm.engine.rl.on_policy`: how the training loop drives an on-policy
+  stage, and the loss normalisation over the accumulation window.
 """
 
 from polm.engine.rl.advantages import (
@@ -23,15 +27,18 @@ from polm.engine.rl.advantages import (
     rloo_advantages,
     whiten,
 )
+from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.logps import completion_logps, sequence_logps
 from polm.engine.rl.losses import LOSS_TYPES, aggregate, clipped_policy_loss, k3_kl
 from polm.engine.rl.reference import ReferenceModel, eval_mode
-from polm.engine.rl.rollout import Rollout, completion_token_logps, sample, stop_token_ids
+from polm.engine.rl.rollout import Rollout, completion_token_logps, in_chunks, sample, stop_token_ids
 
 __all__ = [
     "LOSS_TYPES",
+    "MicroBatch",
     "ReferenceModel",
     "Rollout",
+    "RolloutBuffer",
     "aggregate",
     "clipped_policy_loss",
     "completion_logps",
@@ -39,6 +46,7 @@ __all__ = [
     "eval_mode",
     "gae",
     "group_advantages",
+    "in_chunks",
     "informative_groups",
     "k3_kl",
     "masked_mean",

@@ -10,7 +10,7 @@ forward pass scores every completion token.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,3 +207,20 @@ def completion_token_logps(
     probs = torch.softmax(logits, -1)
     entropy = (log_norm - (probs * logits).sum(-1)) * mask  # H = logsumexp(z) - sum p z
     return logps, entropy
+
+
+def in_chunks(score: Callable[[Rollout], Any], rollout: Rollout, rows: int) -> Any:
+    """``score(rollout)`` computed ``rows`` rows at a time, to bound the memory of a large rollout.
+
+    Args:
+        score: ``rollout -> (N, ...) tensor``, or a tuple of them (each concatenated along the rows).
+
+    A rollout of at most ``rows`` rows is scored in one call, as it is.
+    """
+    total = len(rollout.texts)
+    if total <= rows:
+        return score(rollout)
+    parts = [score(rollout.select(range(start, min(start + rows, total)))) for start in range(0, total, rows)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)

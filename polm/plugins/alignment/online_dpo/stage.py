@@ -9,6 +9,12 @@ score the same teach nothing and are skipped; a step with no pair left takes
 a zero-gradient step. Guo et al. 2024, "Direct Language Model Alignment from
 Online AI Feedback" (OAIF), https://arxiv.org/abs/2402.04792.
 
+The stage is an :class:`~polm.engine.trainer.OnPolicyTask` with one update per
+generation batch: :meth:`OnlineDPOStep.collect` samples, labels and encodes
+the pairs of a step's prompts and scores them under the reference; the loss of
+each micro-batch is its pairs' mean, normalised over the pairs of the whole
+step (:mod:`polm.engine.rl.on_policy`).
+
 The pairs are re-encoded from the completions' text as ``dpo`` encodes its
 data, so the chat template's end-of-turn closes every answer.
 """
@@ -24,11 +30,12 @@ from accelerate.utils import extract_model_from_parallel
 from polm.engine.data import Row, load_rows
 from polm.engine.evaluation import generate
 from polm.engine.options import StageOptions
+from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.logps import sequence_logps
 from polm.engine.rl.reference import ReferenceModel
 from polm.engine.stage import StageContext, StageOutput
-from polm.engine.trainer import TrainingTask, train
-from polm.plugins.alignment.logps import collate_pairs, encode_pair
+from polm.engine.trainer import OnPolicyTask, train
+from polm.plugins.alignment.logps import collate_pairs, encode_pair, precompute_reference_logps
 from polm.plugins.alignment.objective_lookup import Objective
 from polm.plugins.alignment.preference import PreferenceStage
 from polm.plugins.alignment.scoring import RewardOptions, RewardSource
@@ -60,16 +67,18 @@ class OnlineDPOOptions(StageOptions, RewardOptions):
 
 @dataclass
 class OnlineDPOStep:
-    """The loop's ``compute_loss`` for ``online_dpo``."""
+    """The ``collect`` and ``loss`` of ``online_dpo``'s :class:`~polm.engine.trainer.OnPolicyTask`.
+
+    Buffer field: ``pairs``, the P encoded pairs (with their reference log-probs when the objective has a
+    reference); each pair weighs 1, as the objectives are means over pairs.
+    """
 
     options: OnlineDPOOptions
     tokenizer: Any
     rewards: RewardSource
     objective: Objective
     reference: ReferenceModel | None
-    trained_tokens: int = 0
 
-    @torch.no_grad()
     def pairs(self, policy: torch.nn.Module, rows: list[Row]) -> tuple[list[Row], dict[str, float]]:
         """Preference rows from two sampled completions per prompt, ties dropped, and sampling statistics."""
         options = self.options
@@ -90,24 +99,31 @@ class OnlineDPOStep:
                          rejected_score=float(scores[decided].min(-1).values.mean()))
         return pairs, stats
 
-    def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        rows, stats = self.pairs(policy, batch["rows"])
+    def collect(self, policy: torch.nn.Module, rows: list[Row]) -> RolloutBuffer:
+        """The encoded pairs of ``rows``' prompts, scored under the reference, for one update."""
+        rows, stats = self.pairs(policy, rows)
         encoded = [pair for pair in (encode_pair(self.tokenizer, row, self.options.max_length) for row in rows)
                    if pair is not None]
-        if not encoded:  # every pair tied: a step that changes nothing
-            self.trained_tokens = 0
+        if self.reference is not None and encoded:
+            encoded = precompute_reference_logps(self.reference, policy, encoded, self.tokenizer.pad_token_id,
+                                                 self.options.batch_size, next(policy.parameters()).device)
+        return RolloutBuffer({"pairs": encoded}, torch.ones(len(encoded)), [list(range(len(encoded)))], stats)
+
+    def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
+        """The objective's loss on the pairs of ``batch``, a mean over them."""
+        if not batch.size:  # every pair tied: a step that changes nothing
             trainable = next(p for p in policy.parameters() if p.requires_grad)
-            return trainable.sum() * 0.0, stats
+            return trainable.sum() * 0.0, {}, 0
         device = next(policy.parameters()).device
-        pairs = {key: value.to(device) for key, value in collate_pairs(encoded, self.tokenizer.pad_token_id).items()}
-        self.trained_tokens = int(pairs["attention_mask"].sum())
+        pairs = {key: value.to(device) for key, value in
+                 collate_pairs(batch["pairs"], self.tokenizer.pad_token_id).items()}
         chosen, rejected = sequence_logps(policy, pairs, self.objective.average_logps).chunk(2)  # (P,), (P,)
         ref_chosen = ref_rejected = None
         if self.reference is not None:
-            ref_chosen, ref_rejected = self.reference.logps(policy, pairs).chunk(2)
+            ref_chosen, ref_rejected = pairs["ref_logps"].chunk(2)
         loss, metrics = self.objective.fn(chosen, rejected, ref_chosen, ref_rejected, **self.options.objective_options)
-        return loss, {**metrics, **stats, "chosen_logps": float(chosen.detach().mean()),
-                      "rejected_logps": float(rejected.detach().mean())}
+        return loss, {**metrics, "chosen_logps": float(chosen.detach().mean()),
+                      "rejected_logps": float(rejected.detach().mean())}, int(pairs["attention_mask"].sum())
 
 
 class OnlineDPOStage(PreferenceStage):
@@ -135,11 +151,10 @@ class OnlineDPOStage(PreferenceStage):
         reference = self.reference(model, objective)
         eval_reference = self.eval_reference_logps(model, tokenizer, reference)
         step = OnlineDPOStep(options, tokenizer, RewardSource(options), objective, reference)
-        task = TrainingTask(
+        task = OnPolicyTask(
             rows=load_rows(options.data, "train"),
-            collate=lambda rows: {"rows": rows},
-            compute_loss=step,
+            collect=step.collect,
+            loss=step.loss,
             evaluate=lambda policy: self.evaluate(policy, tokenizer, eval_reference),
-            count_tokens=lambda batch: step.trained_tokens,
         )
         return train(self.name, context, options, task)

@@ -18,25 +18,28 @@ optimizer step each, with the engine's clipped policy loss
 (:func:`polm.engine.rl.losses.clipped_policy_loss`) and the clipped value
 loss of :mod:`polm.plugins.alignment.ppo.loss`.
 
-The training loop's steps are those minibatch updates: a step samples a new
-rollout from its own prompts when the previous rollout is used up, and the
-``ppo_epochs * minibatches - 1`` steps that replay a rollout leave their
-prompts unused. So ``max_steps`` counts updates, and a rollout is sampled every
-``ppo_epochs * minibatches`` steps.
+The stage is an :class:`~polm.engine.trainer.OnPolicyTask`, and the training
+loop's steps are those minibatch updates: a step collects a new rollout from
+its own prompts (``batch_size`` per micro-batch, ``grad_accum`` micro-batches)
+when the previous rollout is used up, and the ``ppo_epochs * minibatches - 1``
+steps that replay a rollout leave their prompts unused. So ``max_steps``
+counts updates, and a rollout is sampled every ``ppo_epochs * minibatches``
+steps. With ``grad_accum`` each minibatch is cut into that many micro-batches;
+both losses are token means, normalised over the completion tokens of the whole
+minibatch (:mod:`polm.engine.rl.on_policy`), so the gradient does not depend on
+the cut.
 
 Resume: each checkpoint holds the policy, the value head (``value_head/``) and
-the rollout buffer with its position (``rollout_buffer.pt``), so a run resumed
-in the middle of a rollout replays the same minibatches in the same order and
-continues exactly. (On several processes only the main process's buffer is
-saved; exact resume holds for single-process runs.) The trained value head is
-also written to the stage folder's ``value_head/``; ``final/`` holds the policy
-alone, a plain transformers model.
+the rollout buffer of every process with its position (``rollout_buffer.pt``),
+so a run resumed in the middle of a rollout replays the same minibatches in the
+same order and continues exactly. The trained value head is also written to the
+stage folder's ``value_head/``; ``final/`` holds the policy alone, a plain
+transformers model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,16 +49,15 @@ from accelerate.utils import extract_model_from_parallel
 from polm.engine.data import Row, check_data_spec, load_rows
 from polm.engine.options import StageOptions
 from polm.engine.rl.advantages import gae, rloo_advantages, whiten
+from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.losses import clipped_policy_loss
 from polm.engine.rl.reference import ReferenceModel
-from polm.engine.rl.rollout import Rollout, completion_token_logps, sample
+from polm.engine.rl.rollout import Rollout, completion_token_logps, in_chunks, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.trainer import TrainingTask, train
+from polm.engine.trainer import OnPolicyTask, train
 from polm.plugins.alignment.ppo.loss import kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.value_head import ValueHead, hidden_size, last_hidden_states
 from polm.plugins.alignment.scoring import RewardOptions, RewardSource
-
-BUFFER_FILE = "rollout_buffer.pt"
 
 
 @dataclass
@@ -91,8 +93,6 @@ class PPOOptions(StageOptions, RewardOptions):
         if self.prompt_baseline and self.samples < 2:
             raise ValueError(f"'prompt_baseline' compares the samples of a prompt: set 'samples' to 2 or more, "
                              f"got {self.samples}")
-        if self.grad_accum != 1:
-            raise ValueError("ppo takes one optimizer step per minibatch; set 'minibatches' instead of 'grad_accum'")
         if (self.batch_size * self.samples) % self.minibatches:
             raise ValueError(f"'minibatches' ({self.minibatches}) must divide batch_size * samples "
                              f"({self.batch_size * self.samples})")
@@ -108,51 +108,19 @@ class PPOOptions(StageOptions, RewardOptions):
 
 
 @dataclass
-class RolloutBuffer:
-    """One rollout with what its updates need, on the CPU; ``order`` lists each update's rows.
-
-    Attributes:
-        rollout: the sampled completions (N rows).
-        old_logps, old_values, advantages, returns: (N, C) at sampling time.
-        order: the row indices of each update (``ppo_epochs * minibatches`` of them).
-        used: updates made so far.
-        metrics: the rollout's statistics (score, KL to the reference, ...), logged with every update.
-    """
-
-    rollout: Rollout
-    old_logps: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    order: list[list[int]]
-    metrics: dict[str, float]
-    used: int = 0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.used >= len(self.order)
-
-    def state(self) -> dict[str, Any]:
-        """What :meth:`from_state` rebuilds the buffer from (for checkpoints)."""
-        return {**{key: value for key, value in vars(self).items() if key != "rollout"},
-                "rollout": vars(self.rollout)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> RolloutBuffer:
-        return cls(**{**state, "rollout": Rollout(**state["rollout"])})
-
-
-@dataclass
 class PPOStep:
-    """The loop's ``compute_loss`` for ``ppo``: samples a rollout when the buffer is used up, then one update."""
+    """The ``collect`` and ``loss`` of ``ppo``'s :class:`~polm.engine.trainer.OnPolicyTask`.
+
+    Buffer fields (N completions of C tokens at most, on the CPU): ``rollout``; ``old_logps``, ``old_values``,
+    ``advantages``, ``returns``: (N, C) at sampling time. Each sample weighs its completion tokens, as both
+    losses are token means.
+    """
 
     options: PPOOptions
     tokenizer: Any
     rewards: RewardSource
     reference: ReferenceModel
     value_head: ValueHead
-    buffer: RolloutBuffer | None = None
-    trained_tokens: int = 0
 
     def forward(self, policy: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C) log-probs of the sampled tokens and (N, C) values before each, from one forward pass."""
@@ -162,10 +130,11 @@ class PPOStep:
         values = self.value_head(captured[-1][:, -width - 1: -1])  # (N, C): the state before each token
         return logps, values * rollout.completion_mask.to(values.device)
 
-    @torch.no_grad()
     def collect(self, policy: torch.nn.Module, rows: list[Row]) -> RolloutBuffer:
-        """Sample, score and compute advantages for the prompts of ``rows``."""
+        """Sample, score and compute advantages for the prompts of ``rows``; the updates are ``ppo_epochs``
+        shuffles of the rollout, each cut into ``minibatches``."""
         options = self.options
+        chunk = options.batch_size * options.samples  # completions scored together: one micro-batch's prompts'
         rollout = sample(extract_model_from_parallel(policy), self.tokenizer, [row["prompt"] for row in rows],
                          num_samples=options.samples, max_new_tokens=options.max_new_tokens,
                          temperature=options.temperature, top_p=options.top_p)
@@ -174,58 +143,42 @@ class PPOStep:
             shaped = rloo_advantages(scores.view(-1, options.samples)).flatten()  # (N,)
         else:
             shaped = scores
-        old_logps, old_values = (tensor.cpu() for tensor in self.forward(policy, rollout))
-        ref_logps = self.reference.token_logps(policy, rollout, options.temperature).cpu()
+        old_logps, old_values = (tensor.cpu() for tensor in in_chunks(lambda part: self.forward(policy, part),
+                                                                       rollout, chunk))
+        ref_logps = in_chunks(lambda part: self.reference.token_logps(policy, part, options.temperature),
+                              rollout, chunk).cpu()
         mask = rollout.completion_mask.float()
         rewards = kl_penalised_rewards(shaped, old_logps, ref_logps, mask, options.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, options.gamma, options.lam)
         if options.whiten_advantages:
             advantages = whiten(advantages, mask)
         size = len(rollout.texts) // options.minibatches
-        order = [permutation[start: start + size].tolist() for _ in range(options.ppo_epochs)
-                 for permutation in [torch.randperm(len(rollout.texts))]
-                 for start in range(0, len(rollout.texts), size)]
+        updates = [permutation[start: start + size].tolist() for _ in range(options.ppo_epochs)
+                   for permutation in [torch.randperm(len(rollout.texts))]
+                   for start in range(0, len(rollout.texts), size)]
         kl = ((old_logps - ref_logps) * mask).sum(-1)  # (N,) per completion
         metrics = {"score": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
                    "kl": float(kl.mean()), "non_score_reward": float(-options.kl_coef * kl.mean()),
                    "completion_length": float(mask.sum(-1).mean()),
                    "sampling_tokens_per_s": rollout.tokens_per_second}
-        return RolloutBuffer(rollout, old_logps, old_values, advantages, returns, order, metrics)
+        fields = {"rollout": rollout, "old_logps": old_logps, "old_values": old_values, "advantages": advantages,
+                  "returns": returns}
+        return RolloutBuffer(fields, mask.sum(-1), updates, metrics)
 
-    def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.buffer is None or self.buffer.exhausted:
-            self.buffer = self.collect(policy, batch["rows"])
-        buffer = self.buffer
-        index = buffer.order[buffer.used]
-        buffer.used += 1
-        minibatch = buffer.rollout.select(index)
-        logps, values = self.forward(policy, minibatch)
+    def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
+        """``policy_loss + vf_coef * value_loss`` on ``batch``, both token means."""
+        rollout = batch["rollout"]
+        logps, values = self.forward(policy, rollout)
         device = logps.device
-        mask = minibatch.completion_mask.to(device).float()
+        mask = rollout.completion_mask.to(device).float()
         policy_loss, policy_metrics = clipped_policy_loss(  # "dapo" reduces by the token mean, as PPO does
-            logps, buffer.old_logps[index].to(device), buffer.advantages[index].to(device), mask,
+            logps, batch["old_logps"].to(device), batch["advantages"].to(device), mask,
             epsilon_low=self.options.clip_range, epsilon_high=self.options.clip_range, loss_type="dapo")
-        value_loss, value_metrics = ppo_value_loss(values, buffer.old_values[index].to(device),
-                                                   buffer.returns[index].to(device), mask,
-                                                   self.options.value_clip_range)
-        self.trained_tokens = int(minibatch.attention_mask.sum())
+        value_loss, value_metrics = ppo_value_loss(values, batch["old_values"].to(device),
+                                                   batch["returns"].to(device), mask, self.options.value_clip_range)
         metrics = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
-                   **{key: float(value) for key, value in policy_metrics.items()}, **value_metrics,
-                   **buffer.metrics}
-        return policy_loss + self.options.vf_coef * value_loss, metrics
-
-    def save_state(self, directory: Path) -> None:
-        """Write the value head and the rollout buffer (with its position) into a checkpoint folder."""
-        self.value_head.save(directory)
-        if self.buffer is not None:
-            torch.save(self.buffer.state(), Path(directory) / BUFFER_FILE)
-
-    def load_state(self, directory: Path) -> None:
-        """Read back what :meth:`save_state` wrote."""
-        self.value_head.load(directory)
-        buffer_file = Path(directory) / BUFFER_FILE
-        self.buffer = RolloutBuffer.from_state(torch.load(buffer_file, weights_only=False)) \
-            if buffer_file.is_file() else None
+                   **{key: float(value) for key, value in policy_metrics.items()}, **value_metrics}
+        return policy_loss + self.options.vf_coef * value_loss, metrics, int(rollout.attention_mask.sum())
 
 
 class PPOStage(Stage):
@@ -252,15 +205,14 @@ class PPOStage(Stage):
         model, tokenizer, options = context.model, context.tokenizer, self.options
         value_head = ValueHead(hidden_size(model)).to(PartialState().device)
         step = PPOStep(options, tokenizer, RewardSource(options), ReferenceModel(model), value_head)
-        task = TrainingTask(
+        task = OnPolicyTask(
             rows=load_rows(options.data, "train"),
-            collate=lambda rows: {"rows": rows},
-            compute_loss=step,
+            collect=step.collect,
+            loss=step.loss,
             evaluate=lambda policy: self.evaluate(policy, tokenizer),
-            count_tokens=lambda batch: step.trained_tokens,
             extra_parameters=list(value_head.parameters()),
-            save_state=step.save_state,
-            load_state=step.load_state,
+            save_state=value_head.save,
+            load_state=value_head.load,
         )
         output = train(self.name, context, options, task)
         if not output.interrupted and PartialState().is_main_process:

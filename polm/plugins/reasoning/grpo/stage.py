@@ -1,26 +1,26 @@
 """The ``grpo`` stage: group relative policy optimisation on rewards computed from sampled completions.
 
-The rows are prompts and the shared training loop drives them: for each
-micro-batch of ``batch_size`` prompts, :class:`GRPOStep` samples
-``num_generations`` completions per prompt with the KV cache
-(:func:`polm.engine.rl.rollout.sample`), scores them with the weighted rewards,
-turns the rewards into advantages within each prompt's group, and keeps the
-result in a rollout buffer that serves ``num_iterations`` consecutive
-optimizer steps, each a clipped policy update against the sampling policy
-(see :mod:`polm.engine.rl.advantages` and :mod:`polm.engine.rl.losses` for
-the objectives and papers).
-On the steps that reuse a buffered rollout, the prompts the loop hands in are
-not sampled.
+The rows are prompts and the shared training loop drives them as an
+:class:`~polm.engine.trainer.OnPolicyTask`: for each generation batch
+(``batch_size`` prompts per micro-batch, ``grad_accum`` micro-batches),
+:meth:`GRPOStep.collect` samples ``num_generations`` completions per prompt
+with the KV cache (:func:`polm.engine.rl.rollout.sample`), scores them with
+the weighted rewards, turns the rewards into advantages within each prompt's
+group and computes the log-probs the updates compare against; the loop then
+makes ``num_iterations`` optimizer steps from that rollout buffer, each a
+clipped policy update against the sampling policy (see
+:mod:`polm.engine.rl.advantages` and :mod:`polm.engine.rl.losses` for the
+objectives and papers). The steps that reuse a buffered rollout leave their
+own prompts unused. Each update's loss is normalised over the completions
+(``grpo``, ``dr_grpo``) or completion tokens (``dapo``) of all its
+micro-batches, so ``grad_accum`` changes the memory an update needs, not its
+gradient (:mod:`polm.engine.rl.on_policy`).
 
-Resume: checkpoints hold the weights, optimizer, scheduler and RNG state but
-not the rollout buffer. A resumed run samples a fresh generation batch at its
-first step, from the restored weights and RNG state. When the checkpoint falls
-on a generation boundary (its step a multiple of ``num_iterations``, always the
-case with the default 1), the resumed run repeats the uninterrupted one
-exactly; otherwise it continues with a fresh rollout where the uninterrupted
-run would have reused its buffer.
+Resume: checkpoints hold the rollout buffer with the updates made from it, so
+a run resumed between two updates of a generation batch repeats the
+uninterrupted one exactly.
 
-Logged each generation step (``metrics.jsonl``, averaged over ``log_every``):
+Logged each generation batch (``metrics.jsonl``, averaged over ``log_every``):
 ``reward`` (weighted sum), ``reward/<name>`` (each reward before weighting),
 ``reward_std`` (mean within-group std), ``completion_length``,
 ``sampling_tokens_per_s`` (sampled tokens per second of generation, apart
@@ -33,7 +33,7 @@ second of the whole step, sampling included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,11 +44,12 @@ from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
 from polm.engine.rewards import parse_reward_weights, score_weighted
 from polm.engine.rl.advantages import group_advantages, informative_groups, rloo_advantages
+from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.losses import clipped_policy_loss
 from polm.engine.rl.reference import ReferenceModel
-from polm.engine.rl.rollout import Rollout, completion_token_logps, sample
+from polm.engine.rl.rollout import completion_token_logps, in_chunks, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.trainer import TrainingTask, train
+from polm.engine.trainer import OnPolicyTask, train
 from polm.plugins.reasoning.grpo.options import GRPOOptions
 
 
@@ -57,44 +58,28 @@ def _mean(values: list[float]) -> float:
 
 
 @dataclass
-class GenerationBatch:
-    """One micro-batch's sampled completions, ready for ``num_iterations`` updates.
-
-    Attributes:
-        rollout: the completions kept for training (None when dynamic sampling dropped every group).
-        advantages: (N,) one per kept completion.
-        ref_logps: (N, C) under the reference, when ``beta`` > 0.
-        old_logps: (N, C) under the sampling policy, set by the first update.
-        metrics: reward and sampling statistics, logged once.
-        uses: updates made so far.
-    """
-
-    rollout: Rollout | None
-    advantages: torch.Tensor | None
-    ref_logps: torch.Tensor | None
-    metrics: dict[str, float]
-    old_logps: torch.Tensor | None = None
-    uses: int = 0
-
-
-@dataclass
 class GRPOStep:
-    """The loop's ``compute_loss`` for ``grpo``, holding the rollout buffer (one entry per micro-batch slot)."""
+    """The ``collect`` and ``loss`` of ``grpo``'s :class:`~polm.engine.trainer.OnPolicyTask`.
+
+    Buffer fields (N kept completions of C tokens at most): ``rollout``; ``advantages`` (N,); ``ref_logps``
+    (N, C) under the reference, when ``beta`` > 0; ``old_logps`` (N, C) under the sampling policy, when
+    ``num_iterations`` > 1 (with one update the policy *is* the sampling policy, and its own detached
+    log-probs stand in).
+    """
 
     options: GRPOOptions
     tokenizer: Any
     weights: dict[str, float]
     reference: ReferenceModel | None
-    buffer: dict[int, GenerationBatch] = field(default_factory=dict)
-    calls: int = 0
-    trained_tokens: int = 0
 
-    def generate(self, policy: torch.nn.Module, rows: list[Row]) -> GenerationBatch:
-        """Sample, score and compute advantages for the prompts of ``rows``."""
+    def collect(self, policy: torch.nn.Module, rows: list[Row]) -> RolloutBuffer:
+        """Sample, score and compute advantages for the prompts of ``rows``; the buffer's ``num_iterations``
+        updates each cover every kept completion."""
         options, size = self.options, self.options.num_generations
+        chunk = options.batch_size * size  # completions sampled and scored together: one micro-batch's
         rollout = sample(extract_model_from_parallel(policy), self.tokenizer, [row["prompt"] for row in rows],
                          max_new_tokens=options.max_new_tokens, num_samples=size, temperature=options.temperature,
-                         top_p=options.top_p, stop_strings=options.stop_strings, batch_size=len(rows) * size)
+                         top_p=options.top_p, stop_strings=options.stop_strings, batch_size=chunk)
         repeated = [row for row in rows for _ in range(size)]
         total, per_reward = score_weighted(self.weights, repeated, rollout.texts, options.reward_options)
         rewards = torch.tensor(total).view(len(rows), size)  # (B, G)
@@ -110,44 +95,43 @@ class GRPOStep:
         if options.dynamic_sampling:
             kept = informative_groups(rewards)  # (B,)
             metrics["groups_kept"] = float(kept.float().mean())
-            if not kept.any():
-                return GenerationBatch(None, None, None, metrics)
+            if not kept.any():  # every group had equal rewards: nothing to learn from this batch
+                return RolloutBuffer({}, torch.zeros(0), [[] for _ in range(options.num_iterations)], metrics)
             rows_kept = kept.repeat_interleave(size).nonzero().flatten()
             rollout, advantages = rollout.select(rows_kept), advantages[rows_kept]
-        ref_logps = None
+        fields: dict[str, Any] = {"rollout": rollout, "advantages": advantages}
         if self.reference is not None:
-            ref_logps = self.reference.token_logps(policy, rollout, options.temperature)
-        return GenerationBatch(rollout, advantages, ref_logps, metrics)
+            fields["ref_logps"] = in_chunks(
+                lambda part: self.reference.token_logps(policy, part, options.temperature), rollout, chunk)
+        if options.num_iterations > 1:
+            fields["old_logps"] = in_chunks(
+                lambda part: completion_token_logps(policy, part, options.temperature)[0], rollout, chunk)
+        # dapo averages over every completion token of an update, grpo and dr_grpo over its completions
+        weights = (rollout.completion_lengths.float() if options.loss_type == "dapo"
+                   else torch.ones(len(rollout.texts)))
+        every = list(range(len(rollout.texts)))
+        return RolloutBuffer(fields, weights, [every] * options.num_iterations, metrics)
 
-    def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        slot = self.calls % self.options.grad_accum
-        self.calls += 1
-        entry = self.buffer.get(slot)
-        fresh = entry is None
-        if entry is None:
-            entry = self.buffer[slot] = self.generate(policy, batch["rows"])
-        metrics = dict(entry.metrics) if fresh else {}
-        entry.uses += 1
-        if entry.uses == self.options.num_iterations:
-            del self.buffer[slot]
-        if entry.rollout is None:  # every group had equal rewards: nothing to learn from this batch
-            self.trained_tokens = 0
-            return torch.zeros((), requires_grad=True), metrics
-        rollout = entry.rollout
+    def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
+        """The clipped policy loss of ``batch``, reduced over its own completions as ``loss_type`` says."""
+        if not batch.size:  # dynamic sampling kept no group here
+            return torch.zeros((), requires_grad=True), {}, 0
+        rollout = batch["rollout"]
         logps, entropy = completion_token_logps(policy, rollout, self.options.temperature, with_entropy=True)
-        if entry.old_logps is None:  # the first update: the policy is still the sampling policy
-            entry.old_logps = logps.detach()
-        mask = rollout.completion_mask.to(logps.device)
+        device = logps.device
+        old_logps = batch.get("old_logps")
+        old_logps = logps.detach() if old_logps is None else old_logps.to(device)
+        ref_logps = batch.get("ref_logps")
+        mask = rollout.completion_mask.to(device)
         loss, loss_metrics = clipped_policy_loss(
-            logps, entry.old_logps, entry.advantages.to(logps.device), mask,
+            logps, old_logps, batch["advantages"].to(device), mask,
             epsilon_low=self.options.epsilon, epsilon_high=self.options.epsilon_high,
-            loss_type=self.options.loss_type, ref_logps=entry.ref_logps, beta=self.options.beta,
-            max_completion_length=self.options.max_new_tokens,
+            loss_type=self.options.loss_type, ref_logps=None if ref_logps is None else ref_logps.to(device),
+            beta=self.options.beta, max_completion_length=self.options.max_new_tokens,
         )
-        self.trained_tokens = int(rollout.attention_mask.sum())
-        metrics.update({key: float(value) for key, value in loss_metrics.items()})
+        metrics = {key: float(value) for key, value in loss_metrics.items()}
         metrics["entropy"] = float(entropy.detach().sum() / mask.sum().clamp(min=1))
-        return loss, metrics
+        return loss, metrics, int(rollout.attention_mask.sum())
 
 
 class GRPOStage(Stage):
@@ -188,11 +172,10 @@ class GRPOStage(Stage):
             raise PolmError(f"stage '{self.name}': option 'data' has no rows with a 'prompt' to sample from")
         reference = ReferenceModel(context.model) if self.options.beta > 0 else None
         step = GRPOStep(self.options, context.tokenizer, parse_reward_weights(self.options.rewards), reference)
-        task = TrainingTask(
+        task = OnPolicyTask(
             rows=rows,
-            collate=lambda items: {"rows": items},
-            compute_loss=step,
+            collect=step.collect,
+            loss=step.loss,
             evaluate=lambda model: self.evaluate(model, context.tokenizer),
-            count_tokens=lambda batch: step.trained_tokens,
         )
         return train(self.name, context, self.options, task)
