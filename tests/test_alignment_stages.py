@@ -173,7 +173,7 @@ def test_held_out_reward_accuracy_compares_implicit_rewards(random_model, tokeni
 
 
 class _RecordingObjective:
-    """A runtime plugin contributing ``scaled_dpo``, without metadata: its four-tensor signature makes it pairwise."""
+    """A runtime plugin contributing the pairwise objective ``scaled_dpo`` (no other metadata: the defaults)."""
 
     def __init__(self):
         self.calls: list[tuple[int, float]] = []
@@ -184,7 +184,7 @@ class _RecordingObjective:
             self.calls.append((policy_chosen.shape[0], scale))
             return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=scale)
 
-        register("scaled_dpo", scaled_dpo)
+        register("scaled_dpo", scaled_dpo, family="pairwise")
 
 
 def test_third_party_objective_is_selected_by_name_and_runs(random_model, tokenizer, prefs, tmp_path):
@@ -219,7 +219,7 @@ def test_third_party_objective_is_selected_by_name_and_runs(random_model, tokeni
      r"objective 'dpo': unknown option 'betta'\. Did you mean 'beta'\? Valid options: beta, label_smoothing"),
     ({"objective_options": {"label_smoothing": 0.7}}, r"objective 'dpo': 'label_smoothing' must be in \[0, 0\.5\)"),
     ({"objective": "orpo", "objective_options": {"beta": 0.1}}, r"Valid options: lambda_"),
-    ({"nll_weight": -1.0}, r"'nll_weight' must be non-negative, got -1\.0"),
+    ({"nll_weight": -1.0}, r"'nll_weight' must not be negative, got -1\.0"),
 ])
 def test_bad_objective_or_options_fail_when_the_stage_is_added(tokenizer, prefs, options, message):
     rows, _ = prefs

@@ -63,7 +63,7 @@ def test_rft_raises_exact_match_over_its_sft_starting_point(short_sft_run, seed,
     """
     start = short_sft_run.stages[0].metrics["eval/exact_match"]
     result = polm.Pipeline(short_sft_run.checkpoint, seed=seed).add(
-        "rft", data="polm:arithmetic", reward="accuracy", max_new_tokens=8, batch_size=32, eval_size=300,
+        "rft", data="polm:arithmetic", rewards={"accuracy": 1.0}, max_new_tokens=8, batch_size=32, eval_size=300,
     ).run(tmp_path / "rft")
     after = result.stages[0].metrics["eval/exact_match"]
     record_property("sft", start)

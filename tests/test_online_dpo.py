@@ -96,7 +96,7 @@ class _RecordingObjective:
             self.calls.append(policy_chosen.shape[0])
             return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
 
-        register("recorded_dpo", recorded_dpo)
+        register("recorded_dpo", recorded_dpo, family="pairwise")
 
 
 def test_a_plugin_objective_is_selected_by_name_and_runs(random_model, tokenizer, tmp_path):
@@ -117,5 +117,6 @@ def test_a_plugin_objective_is_selected_by_name_and_runs(random_model, tokenizer
 
 
 def test_online_dpo_needs_a_reward():
-    with pytest.raises(polm.PolmError, match="set 'reward_model'"):
-        polm.Pipeline("polm-tiny").add("online_dpo", data="polm:arithmetic")
+    """``rewards`` defaults to {accuracy: 1.0}, as in every stage that scores completions; naming none fails."""
+    with pytest.raises(polm.PolmError, match="option 'rewards' names no reward"):
+        polm.Pipeline("polm-tiny").add("online_dpo", data="polm:arithmetic", rewards={})

@@ -199,7 +199,7 @@ def test_ppo_resumes_exactly_in_the_middle_of_a_rollout(random_model, tokenizer,
 
 
 @pytest.mark.parametrize("options, message", [
-    ({}, "set 'reward_model'"),
+    ({"rewards": {}}, "option 'rewards' names no reward"),
     ({"rewards": {"acuracy": 1.0}}, r"unknown reward 'acuracy'\. Did you mean 'accuracy'\?"),
     ({"rewards": {"accuracy": 1.0}, "batch_size": 3, "minibatches": 2}, r"'minibatches' \(2\) must divide"),
     ({"rewards": {"accuracy": 1.0}, "prompt_baseline": True}, "set 'samples' to 2 or more"),

@@ -89,7 +89,8 @@ def test_reward_model_stage_passes_the_policy_on_and_ppo_points_at_it(random_mod
         return polm.Pipeline(random_model, tokenizer=tokenizer).add(
             "reward_model", data=rows, max_steps=2, batch_size=4, eval_size=0,
         ).add("ppo", data=[{"prompt": row["prompt"], "answer": row["answer"]} for row in rows],
-              reward_model=str(run / "00-reward_model"), max_steps=2, batch_size=2, max_new_tokens=4, eval_size=0, log_every=1)
+              rewards={"reward_model": 1.0}, reward_options={"reward_model": {"path": str(run / "00-reward_model")}},
+              max_steps=2, batch_size=2, max_new_tokens=4, eval_size=0, log_every=1)
 
     result = pipeline().run(run)
     logged = [json.loads(line) for line in (run / "01-ppo/metrics.jsonl").read_text().splitlines()]

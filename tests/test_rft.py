@@ -43,7 +43,7 @@ def test_rft_keeps_accepted_samples_and_trains_each_round(random_model, tokenize
     """Two rounds sample k completions per prompt, score them all, and fine-tune on the accepted ones."""
     rows, test_rows = arithmetic
     result = polm.Pipeline(random_model, tokenizer=tokenizer).add(
-        "rft", data=rows, reward="has_digit", threshold=1.0, rounds=2, samples=3, prompts_per_round=8,
+        "rft", data=rows, rewards={"has_digit": 1.0}, threshold=1.0, rounds=2, samples=3, prompts_per_round=8,
         max_new_tokens=4, max_steps=2, batch_size=4, eval_data=test_rows, eval_size=4,
     ).run(tmp_path / "run")
     assert rewards_plugin.calls == [24, 24]  # 8 prompts x 3 samples, per round
@@ -61,7 +61,7 @@ def test_max_pass_rate_skips_prompts_whose_samples_all_passed(random_model, toke
     rows = [{"prompt": f"What is {n} + 1?", "answer": str(n + 1), "level": n % 4 + 1} for n in range(8)]
     stats = {}
     for rate in (0.5, 1.0):
-        stage = RFTStage("rft", RFTStage.Options(data=rows, reward="even_level", samples=3, prompts_per_round=8,
+        stage = RFTStage("rft", RFTStage.Options(data=rows, rewards={"even_level": 1.0}, samples=3, prompts_per_round=8,
                                                  max_new_tokens=3, max_pass_rate=rate))
         examples, stats[rate] = stage.sample_round(random_model, tokenizer, rows, seed=0)
         assert stats[rate]["accepted_fraction"] == 0.5 and stats[rate]["prompts_solved"] == 0.5

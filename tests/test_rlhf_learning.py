@@ -64,8 +64,9 @@ def test_ppo_raises_the_reward_model_score(sft_checkpoint, reward_model_run, see
     """PPO driven by that reward model: the rollouts' mean score over the last 20% of updates exceeds the
     first 20%'s; the KL to the starting model is logged with every update and stays finite."""
     _, reward_model = reward_model_run
-    polm.Pipeline(str(sft_checkpoint), seed=seed).add("ppo", reward_model=str(reward_model), **PPO_RECIPE).run(
-        tmp_path / "run")
+    polm.Pipeline(str(sft_checkpoint), seed=seed).add(
+        "ppo", rewards={"reward_model": 1.0}, reward_options={"reward_model": {"path": str(reward_model)}},
+        **PPO_RECIPE).run(tmp_path / "run")
     records = [r for r in map(json.loads, (tmp_path / "run/00-ppo/metrics.jsonl").read_text().splitlines())
                if "loss" in r]
     fifth = len(records) // 5

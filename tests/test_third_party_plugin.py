@@ -139,12 +139,16 @@ def test_smoothed_objective_without_smoothing_is_the_sft_loss(polm_shout):
 
 
 def test_shout_plugin_registers_like_any_plugin(polm_shout):
-    """Registered at runtime, the module's hooks put ``shout`` in the rewards and its objective in the objectives."""
+    """Registered at runtime, the module's hooks put ``shout`` in the rewards and its objective in the objectives,
+    where ``sft`` finds it by name: it is of the language_modelling family."""
     manager = polm.plugin_manager()
     manager.register(polm_shout, name="shout-at-runtime")
     try:
         assert polm.components("rewards")["shout"] is polm_shout.shout_reward
         assert polm.components("objectives")["smoothed_completion"] is polm_shout.smoothed_completion_loss
+        stage = polm.Pipeline("polm-tiny").add("sft", data="polm:arithmetic", objective="smoothed_completion",
+                                               objective_options={"smoothing": 0.2}).stages[0]
+        assert stage.objective().fn is polm_shout.smoothed_completion_loss
     finally:
         manager.unregister(polm_shout)
     assert "shout" not in polm.components("rewards")

@@ -55,9 +55,20 @@ def polm_register_stages(register: Register) -> None:
 def polm_register_objectives(register: Register) -> None:
     """Contribute training objectives (loss functions).
 
-    ``obj`` is a pure function returning ``(loss, metrics)``. Objectives of
-    one family share a signature documented by the stage that uses them, for
-    example the pairwise preference objectives used by ``dpo``.
+    Called once when the plugin manager is built. ``obj`` is a pure function
+    returning ``(loss, metrics)``, a scalar tensor and a dict of floats, and
+    the ``family`` metadata says which signature it has and so which stages
+    may train with it (:mod:`polm.engine.objectives` documents each):
+    ``register("smoothed", fn, family="language_modelling")`` for ``fn(logits,
+    labels, **options)`` (``sft``, ``align``), ``family="pairwise"`` for
+    ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    ref_rejected_logps, **options)`` (``dpo``, ``simpo``, ``orpo``,
+    ``online_dpo``; also ``reference_free`` and ``average_logps``), and
+    ``family="unpaired"`` for ``fn(policy_logps, ref_logps, labels,
+    reference_point, **options)`` (``kto``). A stage's ``objective`` option
+    names one; one of another family, or without a family, is refused when the
+    stage is added. Keyword options with defaults are set by the stage's
+    ``objective_options``.
     """
 
 

@@ -3,18 +3,23 @@
 The family every stage belongs to that trains on given text rather than on preferences or rewards:
 ``sft`` (with packing and NEFTune on top), ``align`` (the same loss through frozen encoders and trained
 connectors) and the training rounds of ``rft``. The loss and the stage base live here, in the engine,
-so those plugins share them without importing each other.
+so those plugins share them without importing each other. ``sft`` and ``align`` train with any
+registered objective of the ``language_modelling`` family (``objective:``, see
+:mod:`polm.engine.objectives`); the default ``completion`` is :func:`completion_loss`, registered by the
+fine-tuning plugin.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from polm.engine.data import check_data_spec, load_rows
+from polm.engine.data import load_rows
 from polm.engine.encoding import (
     IGNORE_INDEX,
     Encoded,
@@ -24,6 +29,8 @@ from polm.engine.encoding import (
     pad_batch,
     truncate,
 )
+from polm.engine.objectives import LANGUAGE_MODELLING, LanguageModellingObjective
+from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
@@ -55,38 +62,34 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss, {"token_accuracy": accuracy, "label_tokens": float(count)}
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The completion loss of a padded batch, or of a packed one (``position_ids`` delimit its samples)."""
+def lm_loss(model: torch.nn.Module, batch: dict[str, Any], objective: LanguageModellingObjective = completion_loss,
+            options: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``objective`` (by default the completion loss) of a padded batch, or of a packed one (``position_ids``
+    delimit its samples), called with the keyword ``options``."""
     if "position_ids" in batch:  # packed: no attention mask, positions delimit the samples
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        **media_inputs(model, batch.get("media"))).logits
-    return completion_loss(logits, batch["labels"])
+    return objective(logits, batch["labels"], **(options or {}))
 
 
 @dataclass
-class LanguageModellingOptions(StageOptions):
-    """Options of a language-modelling stage; rows may be ``{text}``, ``{prompt, completion}``, ``{messages}``
-    or ``{prompt, answer}``."""
+class LanguageModellingOptions(StageOptions, DataOptions):
+    """Options of a language-modelling stage; ``data`` rows may be ``{text}``, ``{prompt, completion}``,
+    ``{messages}`` or ``{prompt, answer}``."""
 
-    data: Any = field(default=None, metadata={"help": "training rows: 'polm:<name>', a JSONL path, or a list"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (a JSONL path or 'polm:<name>')")
+    objective: str = field(default="completion", metadata={
+        "help": "a registered language_modelling objective: completion (cross-entropy on completion tokens) "
+                "or a plugin's"})
+    objective_options: dict = field(default_factory=dict, metadata={"help": "the objective's keyword options"})
 
 
 class LanguageModellingStage(Stage):
     """Cross-entropy on completion / assistant tokens of ``data``, prompts masked, in padded batches."""
 
     Options = LanguageModellingOptions
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
+    objective_family = LANGUAGE_MODELLING
 
     def encode(self, tokenizer: Any) -> list[Encoded]:
         """The training rows encoded, cut to ``max_length``, those left without a completion token dropped."""
@@ -100,9 +103,13 @@ class LanguageModellingStage(Stage):
         return TrainingTask(
             rows=self.encode(tokenizer),
             collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
-            compute_loss=lm_loss,
+            compute_loss=self.loss(),
             evaluate=lambda model: self.evaluate(model, tokenizer),
         )
+
+    def loss(self) -> Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]:
+        """The training loop's ``compute_loss``: :func:`lm_loss` with the stage's objective and its options."""
+        return partial(lm_loss, objective=self.objective().fn, options=self.options.objective_options)
 
     def run(self, context: StageContext) -> StageOutput:
         return train(self.name, context, self.options, self.training_task(context.tokenizer))

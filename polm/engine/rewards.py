@@ -1,4 +1,5 @@
-"""Calling reward functions: fields from the rows, checks on what comes back."""
+"""Rewards by name: a stage's rewards checked before anything loads, called with the rows' fields, and
+checks on what comes back. Every stage scores completions through :func:`score_weighted`."""
 
 from __future__ import annotations
 
@@ -60,6 +61,25 @@ def parse_reward_weights(spec: str | Sequence[str] | Mapping[str, float], option
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise PolmError(f"option '{option}': the weight of reward '{name}' must be a number, got {weight!r}")
     return {str(name): float(weight) for name, weight in weights.items()}
+
+
+def check_rewards(weights: Mapping[str, float], reward_options: Mapping[str, Any]) -> None:
+    """Fail before anything loads on a reward that is not registered, or options for one ``rewards`` does not list.
+
+    Raises:
+        PolmError: naming the reward (with the registered ones) or the stray options.
+    """
+    from polm.engine.plugins import registry
+
+    rewards = registry("rewards")
+    for name in weights:
+        rewards.get(name)
+    if not all(isinstance(options, Mapping) for options in reward_options.values()):
+        raise PolmError("option 'reward_options' maps reward names to option mappings, e.g. {format: {pattern: ...}}")
+    stray = sorted(set(reward_options) - set(weights))
+    if stray:
+        raise PolmError(f"option 'reward_options' sets options of {', '.join(stray)}, which 'rewards' does not "
+                        f"list ({', '.join(weights)}); add them to 'rewards' or remove their options")
 
 
 def score_weighted(weights: Mapping[str, float], rows: Sequence[Row], completions: Sequence[str],

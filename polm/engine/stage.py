@@ -10,10 +10,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from polm.engine.data import bundled_name, load_rows
+from polm.engine.data import bundled_name, check_data_spec, load_rows
 from polm.engine.evaluation import exact_match, reference
 from polm.engine.media import MediaModel
+from polm.engine.objectives import Objective, check_objective_options, find_objective
+from polm.engine.option_groups import DataOptions, RewardOptions
 from polm.engine.options import StageOptions
+from polm.engine.rewards import check_rewards
 
 
 @dataclass
@@ -52,9 +55,14 @@ class Stage:
     """Base class of pipeline stages registered through ``polm_register_stages``.
 
     A subclass sets ``Options`` (a dataclass, usually extending
-    :class:`StageOptions`) and implements :meth:`run`. The pipeline validates
-    options with :func:`polm.engine.options.parse_options` before any stage
-    runs, and calls :meth:`check` on every stage before the first one starts.
+    :class:`StageOptions` and the option groups of :mod:`polm.engine.option_groups`)
+    and implements :meth:`run`. The pipeline validates options with
+    :func:`polm.engine.options.parse_options` when the stage is added, and calls
+    :meth:`check` on every stage before the first one starts.
+
+    A stage that trains with a registered objective sets ``objective_family``
+    (see :mod:`polm.engine.objectives`), and its options declare ``objective``
+    and ``objective_options``.
     """
 
     Options: ClassVar[type] = StageOptions
@@ -63,13 +71,42 @@ class Stage:
     #: False for a stage that trains a side model (a reward model) from the model it is handed: the pipeline
     #: saves the stage's output as its ``final/`` but hands the stage's starting model on to the next stage.
     trains_policy: ClassVar[bool] = True
+    #: The family of the objectives the stage's ``objective`` option may name; None for a stage without one.
+    objective_family: ClassVar[str | None] = None
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name
         self.options = options
 
     def check(self) -> None:
-        """Fail fast on problems visible before loading a model (data files, names)."""
+        """Fail fast on problems visible before loading a model, in what the options' groups hold.
+
+        The data specs of :class:`~polm.engine.option_groups.DataOptions` load; the rewards of
+        :class:`~polm.engine.option_groups.RewardOptions` are registered and ``reward_options`` names no
+        other; ``objective`` is of the stage's ``objective_family`` and takes ``objective_options``. A
+        subclass that checks more calls ``super().check()`` first.
+
+        Raises:
+            PolmError: naming the option.
+        """
+        options = self.options
+        if isinstance(options, DataOptions):
+            check_data_spec(options.data, "data")
+            if options.eval_data is not None:
+                check_data_spec(options.eval_data, "eval_data")
+        if isinstance(options, RewardOptions):
+            check_rewards(options.reward_weights(), options.reward_options)
+        if self.objective_family is not None:
+            check_objective_options(self.objective(), options.objective_options)
+
+    def objective(self) -> Objective:
+        """The objective named by the ``objective`` option, looked up now (plugins may have changed), for a
+        stage with an ``objective_family``.
+
+        Raises:
+            PolmError: unknown, or not of the stage's ``objective_family``.
+        """
+        return find_objective(self.options.objective, self.objective_family)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model this stage trains: its ``tuning`` method applied to the starting model.

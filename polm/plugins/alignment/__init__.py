@@ -13,16 +13,17 @@ online_dpo      prompts; two samples each, the reward picks the chosen one      
 ==============  =====================================================================  ==================
 
 A ``reward_model`` stage writes the reward model to its ``final/`` and hands
-the model it started from on to the next stage; later stages name the reward
-model's folder, e.g. ``ppo: {reward_model: runs/demo/01-reward_model}``.
+the model it started from on to the next stage; later stages score with it as
+the reward ``reward_model`` and its folder, e.g. ``ppo: {rewards: {reward_model: 1.0},
+reward_options: {reward_model: {path: runs/demo/01-reward_model}}}``.
 
 Rewards: ``reward_model`` (a trained reward model's score; option ``path``)
 and ``judge`` (a local language model's probability of "Yes"; options
 ``model``, ``template``, ``yes``, ``no``).
 
 The method folders import the engine (the RL core :mod:`polm.engine.rl`) and
-these paradigm modules, never each other: ``objectives`` (the loss functions),
-``objective_lookup`` (an objective by name, its options checked),
+these paradigm modules, never each other: ``objectives`` (the loss functions,
+looked up by family through :mod:`polm.engine.objectives`),
 ``preference`` (the base of ``dpo``, ``kto`` and ``online_dpo``), ``logps``
 (preference pairs in tokens) and ``scoring`` (rewards for sampled completions).
 """
@@ -30,12 +31,11 @@ these paradigm modules, never each other: ``objectives`` (the loss functions),
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
+from polm.engine.objectives import PAIRWISE, UNPAIRED
 from polm.plugins.alignment.dpo import DPOStage, ORPOStage, SimPOStage
 from polm.plugins.alignment.judge import judge_reward
 from polm.plugins.alignment.kto import KTOStage
 from polm.plugins.alignment.objectives import (
-    PAIRWISE,
-    UNPAIRED,
     dpo_loss,
     hinge_loss,
     ipo_loss,

@@ -1,44 +1,51 @@
 """The base of the stages that train against the starting model and are judged on held-out preference pairs.
 
 ``dpo`` (and its presets), ``kto`` and ``online_dpo`` share it: the objective
-they train with (looked up by name at run time, see
-:mod:`polm.plugins.alignment.objective_lookup`), the reference model it needs
-(:class:`~polm.engine.rl.reference.ReferenceModel`; none for a reference-free
-objective), and the held-out ``reward_accuracy`` on pairs. Each subclass sets
-``Options`` (with ``objective`` and ``objective_options`` fields) and its own
+they train with (looked up by name in its family when the stage is checked and
+again at run time, see :mod:`polm.engine.objectives`), the reference model it
+needs (:class:`~polm.engine.rl.reference.ReferenceModel`; none for a
+reference-free objective), and the held-out ``reward_accuracy`` on pairs. Each
+subclass sets ``Options`` (with ``objective`` and ``objective_options`` fields:
+:class:`PairwiseObjectiveOptions` for a pairwise objective) and its own
 :meth:`~polm.engine.stage.Stage.run`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from polm.engine.data import check_data_spec, row_format
+from polm.engine.data import row_format
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.evaluation import exact_match
+from polm.engine.objectives import PAIRWISE, Objective
 from polm.engine.rl.logps import sequence_logps
 from polm.engine.rl.reference import ReferenceModel, eval_mode
 from polm.engine.stage import Stage
 from polm.plugins.alignment.logps import EncodedPair, collate_pairs, encode_pair
-from polm.plugins.alignment.objective_lookup import Objective, check_objective_options, find_objective
+
+
+@dataclass
+class PairwiseObjectiveOptions:
+    """The objective options of the stages that train with a pairwise objective (``dpo`` and its presets,
+    ``online_dpo``)."""
+
+    objective: str = field(default="dpo", metadata={
+        "help": "a registered pairwise objective: dpo, ipo, hinge, robust, simpo, orpo or a plugin's"})
+    objective_options: dict = field(default_factory=dict, metadata={
+        "help": "the objective's hyperparameters, e.g. {beta: 0.1, label_smoothing: 0.1} for dpo"})
 
 
 class PreferenceStage(Stage):
-    """A stage trained with a preference objective, against the starting model where the objective needs one."""
+    """A stage trained with a preference objective, against the starting model where the objective needs one.
+
+    Its objective is of the pairwise family unless a subclass sets another ``objective_family`` (``kto``).
+    """
 
     headline_metric = "reward_accuracy"
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
-        check_objective_options(self.objective(), self.options.objective_options)
-
-    def objective(self) -> Objective:
-        """The pairwise objective named by ``objective``, looked up now (plugins may have changed)."""
-        return find_objective(self.options.objective)
+    objective_family = PAIRWISE
 
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str = "data") -> list[EncodedPair]:
         """The pairs of ``rows`` that fit ``max_length`` (:func:`keep_rows_that_fit`)."""

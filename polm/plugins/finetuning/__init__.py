@@ -1,4 +1,5 @@
-"""The fine-tuning paradigm: SFT, rejection-sampling fine-tuning and the tuning methods."""
+"""The fine-tuning paradigm: SFT, rejection-sampling fine-tuning, the tuning methods, and the
+language-modelling objective ``completion`` that ``sft`` and ``align`` train with by default."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import torch
 
 from polm.engine.hookspecs import Register, hookimpl
+from polm.engine.lm import completion_loss
+from polm.engine.objectives import LANGUAGE_MODELLING
 from polm.engine.tuning import FullTuning
 from polm.plugins.finetuning.rft import RFTStage
 from polm.plugins.finetuning.sft import SFTStage
@@ -28,6 +31,12 @@ from polm.plugins.finetuning.tuning.virtual_tokens import is_virtual_token_adapt
 def polm_register_stages(register: Register) -> None:
     register("sft", SFTStage, description="supervised fine-tuning, loss on completions / assistant turns")
     register("rft", RFTStage, description="rejection-sampling fine-tuning: keep samples a reward accepts, train")
+
+
+@hookimpl
+def polm_register_objectives(register: Register) -> None:
+    register("completion", completion_loss, family=LANGUAGE_MODELLING,
+             description="next-token cross-entropy on completion / assistant tokens, prompts masked")
 
 
 @hookimpl

@@ -6,7 +6,7 @@ polm finds it through the entry point in ``pyproject.toml``::
     shout = "polm_shout"
 
 and calls the two hooks below, which contribute the reward ``shout`` and the
-objective ``smoothed_completion``.
+language-modelling objective ``smoothed_completion`` (``sft: {objective: smoothed_completion}``).
 """
 
 from __future__ import annotations
@@ -66,4 +66,5 @@ def polm_register_rewards(register):
 
 @hookimpl
 def polm_register_objectives(register):
-    register("smoothed_completion", smoothed_completion_loss, description="SFT cross-entropy with label smoothing")
+    register("smoothed_completion", smoothed_completion_loss, family="language_modelling",
+             description="SFT cross-entropy with label smoothing")

@@ -19,39 +19,28 @@ from accelerate import PartialState
 
 from polm.engine.data import load_rows
 from polm.engine.encoding import IGNORE_INDEX
+from polm.engine.objectives import Objective
+from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.logps import sequence_logps
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.plugins.alignment.logps import collate_pairs, precompute_reference_logps
-from polm.plugins.alignment.objective_lookup import Objective
-from polm.plugins.alignment.preference import PreferenceStage
+from polm.plugins.alignment.preference import PairwiseObjectiveOptions, PreferenceStage
 
 
 @dataclass
-class DPOOptions(StageOptions):
-    """Options of ``dpo`` (and of ``simpo`` and ``orpo``, which change the default objective, and for simpo the lr)."""
+class DPOOptions(StageOptions, DataOptions, PairwiseObjectiveOptions):
+    """Options of ``dpo`` (and of ``simpo`` and ``orpo``, which change the default objective, and for simpo the
+    lr); ``data`` holds preference rows ``{prompt, chosen, rejected}``."""
 
-    data: Any = field(default=None, metadata={
-        "help": "preference rows {prompt, chosen, rejected}: 'polm:<name>', a JSONL path, or a list"})
-    objective: str = field(default="dpo", metadata={
-        "help": "a registered pairwise objective: dpo, ipo, hinge, robust, simpo, orpo or a plugin's"})
-    objective_options: dict = field(default_factory=dict, metadata={
-        "help": "the objective's hyperparameters, e.g. {beta: 0.1, label_smoothing: 0.1} for dpo"})
     precompute_ref: bool = field(default=False, metadata={
         "help": "score every pair under the reference model once before training, then drop its copy "
                 "(ignored by reference-free objectives)"})
     nll_weight: float = field(default=0.0, metadata={
         "help": "weight of the chosen answers' per-token negative log-likelihood added to the objective's loss "
                 "(RPO, Pang et al. 2024; TRL's rpo_alpha): it keeps the chosen answers likely, which a "
-                "pairwise loss alone may lower while it widens the margin"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (preference rows, e.g. 'polm:arithmetic-prefs')")
-        if self.nll_weight < 0:
-            raise ValueError(f"'nll_weight' must be non-negative, got {self.nll_weight}")
+                "pairwise loss alone may lower while it widens the margin", "min": 0})
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Each step scores a batch of B unpaired rows under the policy and the
 reference (the starting model), and B mismatched rows (row ``i``'s prompt with
 row ``i + 1``'s completion) whose policy-minus-reference log-prob estimates
-KTO's reference point ``z0`` (no gradient); see
-:func:`~polm.plugins.alignment.objectives.kto.kto_loss`. Data may be
+KTO's reference point ``z0`` (no gradient), and hands them to the unpaired
+objective named by ``objective`` (default ``kto``,
+:func:`~polm.plugins.alignment.objectives.kto.kto_loss`). Data may be
 unpaired rows or preference pairs (see :mod:`polm.plugins.alignment.kto.rows`).
 
 Held-out ``reward_accuracy`` is measured on preference pairs (``eval_data``,
@@ -20,8 +21,10 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import check_data_spec, load_rows
+from polm.engine.data import load_rows
 from polm.engine.encoding import keep_rows_that_fit
+from polm.engine.objectives import UNPAIRED
+from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.logps import sequence_logps
 from polm.engine.rl.reference import ReferenceModel
@@ -33,45 +36,25 @@ from polm.plugins.alignment.kto.rows import (
     encode_unpaired,
     unpaired_rows,
 )
-from polm.plugins.alignment.objective_lookup import Objective, check_function_options
-from polm.plugins.alignment.objectives import kl_estimate, kto_loss
+from polm.plugins.alignment.objectives import kl_estimate
 from polm.plugins.alignment.preference import PreferenceStage
-
-KTO_ARGUMENTS = 4  # policy log-probs, reference log-probs, labels, reference point
 
 
 @dataclass
-class KTOOptions(StageOptions):
-    """Options of ``kto``."""
+class KTOOptions(StageOptions, DataOptions):
+    """Options of ``kto``; ``data`` holds unpaired rows ``{prompt, completion, label: true/false}``, or
+    preference rows ``{prompt, chosen, rejected}`` (each gives a desirable and an undesirable row)."""
 
-    data: Any = field(default=None, metadata={
-        "help": "unpaired rows {prompt, completion, label: true/false}, or preference rows {prompt, chosen, "
-                "rejected} (each gives a desirable and an undesirable row): 'polm:<name>', JSONL, or a list"})
+    objective: str = field(default="kto", metadata={"help": "a registered unpaired objective: kto or a plugin's"})
     objective_options: dict = field(default_factory=dict, metadata={
-        "help": "KTO's hyperparameters: beta, desirable_weight, undesirable_weight"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (unpaired or preference rows, e.g. 'polm:arithmetic-prefs')")
+        "help": "the objective's hyperparameters; kto's: beta, desirable_weight, undesirable_weight"})
 
 
 class KTOStage(PreferenceStage):
     """Train on unpaired completions labelled desirable or not, against the starting model."""
 
     Options = KTOOptions
-
-    def objective(self) -> Objective:
-        """KTO's reference-based, summed log-probs (what :meth:`evaluate` scores held-out pairs with)."""
-        return Objective("kto", kto_loss)
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
-        zeros = torch.zeros(1)
-        check_function_options("objective 'kto'", kto_loss, self.options.objective_options, KTO_ARGUMENTS,
-                               (zeros, zeros, torch.ones(1, dtype=torch.bool), 0.0))
+    objective_family = UNPAIRED
 
     def encode_unpaired(self, tokenizer: Any) -> list[EncodedCompletion]:
         """The training rows that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
@@ -82,6 +65,7 @@ class KTOStage(PreferenceStage):
 
     def run(self, context: StageContext) -> StageOutput:
         model, tokenizer, options = context.model, context.tokenizer, self.options
+        objective = self.objective()  # at run time: plugins may have changed
         reference = ReferenceModel(model)
         eval_reference = self.eval_reference_logps(model, tokenizer, reference)
 
@@ -94,7 +78,7 @@ class KTOStage(PreferenceStage):
                 mismatched_logps = sequence_logps(policy, others)  # (B,)
             ref = reference.logps(policy, batch)  # (2B,): the rows, then the mismatched rows
             reference_point = kl_estimate(mismatched_logps, ref[size:])
-            return kto_loss(logps, ref[:size], batch["desirable"], reference_point, **options.objective_options)
+            return objective.fn(logps, ref[:size], batch["desirable"], reference_point, **options.objective_options)
 
         task = TrainingTask(
             rows=self.encode_unpaired(tokenizer),

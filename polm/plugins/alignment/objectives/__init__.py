@@ -1,7 +1,8 @@
-"""Preference objectives: pure functions returning ``(loss, metrics)``.
+"""Preference objectives: pure functions returning ``(loss, metrics)``, registered with their family
+(see :mod:`polm.engine.objectives` for the families and their signatures).
 
 The pairwise family, selected by the preference stages (``dpo``, ``simpo``,
-``orpo``) with ``objective: <name>``, shares one signature::
+``orpo``, ``online_dpo``) with ``objective: <name>``, shares one signature::
 
     fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
        **hparams) -> (loss, metrics)
@@ -13,13 +14,12 @@ scalar tensor; ``metrics`` is a dict of floats holding at least
 ``hparams`` are keyword arguments with defaults; recipes set them through the
 stage's ``objective_options``. An objective rejects a bad value with ``ValueError``:
 the stage calls it once on (1,) zero tensors when the pipeline is built, so a
-bad option fails before any model loads.
+bad option fails before any model loads. KTO (``kto``) is of the unpaired family.
 
 An objective describes itself with the metadata it is registered with
-(``register(name, fn, **metadata)``); a third-party pairwise objective that
-omits them gets the defaults:
+(``register(name, fn, family=PAIRWISE, **metadata)``); ``family`` is required,
+and a pairwise objective that omits the others gets their defaults:
 
-- ``family``: ``"pairwise"`` (default) for this signature; KTO's is ``"unpaired"``.
 - ``reference_free``: ``False`` (default) for objectives that compare with the
   starting model; ``True`` for those that take ``None`` for the reference
   log-probs (no reference model is held for them).
@@ -36,12 +36,7 @@ from polm.plugins.alignment.objectives.orpo import orpo_loss
 from polm.plugins.alignment.objectives.robust import robust_dpo_loss
 from polm.plugins.alignment.objectives.simpo import simpo_loss
 
-PAIRWISE = "pairwise"
-UNPAIRED = "unpaired"
-
 __all__ = [
-    "PAIRWISE",
-    "UNPAIRED",
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",

@@ -21,7 +21,7 @@ data, so the chat template's end-of-turn closes every answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ from accelerate.utils import extract_model_from_parallel
 
 from polm.engine.data import Row, load_rows
 from polm.engine.evaluation import generate
+from polm.engine.objectives import Objective
+from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.logps import sequence_logps
@@ -36,33 +38,16 @@ from polm.engine.rl.reference import ReferenceModel
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import OnPolicyTask, train
 from polm.plugins.alignment.logps import collate_pairs, encode_pair, precompute_reference_logps
-from polm.plugins.alignment.objective_lookup import Objective
-from polm.plugins.alignment.preference import PreferenceStage
-from polm.plugins.alignment.scoring import RewardOptions, RewardSource
+from polm.plugins.alignment.preference import PairwiseObjectiveOptions, PreferenceStage
+from polm.plugins.alignment.scoring import RewardSource
 
 SAMPLES = 2  # completions per prompt: one pair
 
 
 @dataclass
-class OnlineDPOOptions(StageOptions, RewardOptions):
-    """Options of ``online_dpo``; ``batch_size`` is prompts per step, ``max_new_tokens`` the completion length."""
-
-    data: Any = field(default=None, metadata={
-        "help": "prompt rows with the fields the rewards need (e.g. {prompt, answer}): 'polm:<name>', JSONL, list"})
-    objective: str = field(default="dpo", metadata={
-        "help": "a registered pairwise objective: dpo, ipo, hinge, robust, simpo, orpo or a plugin's"})
-    objective_options: dict = field(default_factory=dict, metadata={
-        "help": "the objective's hyperparameters, e.g. {beta: 0.1} for dpo"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the two completions"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (prompt rows, e.g. 'polm:arithmetic')")
-        self.check_rewards()
-        if self.temperature <= 0:
-            raise ValueError("'temperature' must be positive: two greedy completions of a prompt are the same")
+class OnlineDPOOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions, PairwiseObjectiveOptions):
+    """Options of ``online_dpo``; ``data`` holds prompt rows with the fields the rewards need (e.g.
+    ``{prompt, answer}``), ``batch_size`` is prompts per step, ``max_new_tokens`` the completion length."""
 
 
 @dataclass
@@ -84,7 +69,7 @@ class OnlineDPOStep:
         options = self.options
         texts = generate(extract_model_from_parallel(policy), self.tokenizer, [row["prompt"] for row in rows],
                          options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-                         num_samples=SAMPLES)
+                         num_samples=SAMPLES, stop_strings=options.stop_strings)
         scores = self.rewards([row for row in rows for _ in range(SAMPLES)], texts).view(-1, SAMPLES)  # (B, 2)
         pairs = []
         for row, (first, second), (score_first, score_second) in zip(rows, zip(texts[::2], texts[1::2]),
@@ -131,10 +116,6 @@ class OnlineDPOStage(PreferenceStage):
 
     Options = OnlineDPOOptions
     headline_metric = "reward"
-
-    def check(self) -> None:
-        super().check()
-        RewardSource(self.options).check()
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any,
                  reference_logps: torch.Tensor | None = None) -> dict[str, float]:

@@ -46,7 +46,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, check_data_spec, load_rows
+from polm.engine.data import Row, load_rows
+from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.advantages import gae, rloo_advantages, whiten
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
@@ -57,54 +58,38 @@ from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import OnPolicyTask, train
 from polm.plugins.alignment.ppo.loss import kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.value_head import ValueHead, hidden_size, last_hidden_states
-from polm.plugins.alignment.scoring import RewardOptions, RewardSource
+from polm.plugins.alignment.scoring import RewardSource
 
 
 @dataclass
-class PPOOptions(StageOptions, RewardOptions):
-    """Options of ``ppo``; ``batch_size`` is prompts per rollout, ``max_new_tokens`` the completion length."""
+class PPOOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
+    """Options of ``ppo``; ``data`` holds prompt rows with the fields the rewards need (e.g. ``{prompt, answer}``),
+    ``batch_size`` is prompts per rollout, ``max_new_tokens`` the completion length."""
 
-    data: Any = field(default=None, metadata={
-        "help": "prompt rows, with the fields the rewards need (e.g. {prompt, answer}): 'polm:<name>', JSONL, list"})
-    samples: int = field(default=1, metadata={"help": "completions sampled per prompt in a rollout"})
-    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout"})
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout"})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO's epsilon for the policy ratio"})
-    value_clip_range: float = field(default=0.2, metadata={"help": "how far a value may move from its rollout estimate"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    kl_coef: float = field(default=0.05, metadata={"help": "weight of the per-token KL penalty to the starting model"})
-    gamma: float = field(default=1.0, metadata={"help": "discount per token"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    samples: int = field(default=1, metadata={"help": "completions sampled per prompt in a rollout", "min": 1})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout", "min": 1})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout", "min": 1})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO's epsilon for the policy ratio", "above": 0})
+    value_clip_range: float = field(default=0.2, metadata={
+        "help": "how far a value may move from its rollout estimate", "above": 0})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss", "min": 0})
+    kl_coef: float = field(default=0.05, metadata={
+        "help": "weight of the per-token KL penalty to the starting model", "min": 0})
+    gamma: float = field(default=1.0, metadata={"help": "discount per token", "above": 0, "max": 1})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda", "above": 0, "max": 1})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages over each rollout"})
     prompt_baseline: bool = field(default=False, metadata={
         "help": "subtract from each score the mean score of the other samples of its prompt (RLOO's baseline; "
                 "needs samples >= 2): removes the per-prompt offset a Bradley–Terry reward model leaves arbitrary"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (prompt rows, e.g. 'polm:arithmetic')")
-        self.check_rewards()
-        for name in ("samples", "ppo_epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
         if self.prompt_baseline and self.samples < 2:
             raise ValueError(f"'prompt_baseline' compares the samples of a prompt: set 'samples' to 2 or more, "
                              f"got {self.samples}")
         if (self.batch_size * self.samples) % self.minibatches:
             raise ValueError(f"'minibatches' ({self.minibatches}) must divide batch_size * samples "
                              f"({self.batch_size * self.samples})")
-        for name in ("clip_range", "value_clip_range", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"'{name}' must be positive, got {getattr(self, name)}")
-        for name in ("vf_coef", "kl_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"'{name}' must not be negative, got {getattr(self, name)}")
-        for name in ("gamma", "lam", "top_p"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"'{name}' must be in (0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -137,7 +122,7 @@ class PPOStep:
         chunk = options.batch_size * options.samples  # completions scored together: one micro-batch's prompts'
         rollout = sample(extract_model_from_parallel(policy), self.tokenizer, [row["prompt"] for row in rows],
                          num_samples=options.samples, max_new_tokens=options.max_new_tokens,
-                         temperature=options.temperature, top_p=options.top_p)
+                         temperature=options.temperature, top_p=options.top_p, stop_strings=options.stop_strings)
         scores = self.rewards([row for row in rows for _ in range(options.samples)], rollout.texts)  # (N,)
         if options.prompt_baseline:
             shaped = rloo_advantages(scores.view(-1, options.samples)).flatten()  # (N,)
@@ -186,12 +171,6 @@ class PPOStage(Stage):
 
     Options = PPOOptions
     headline_metric = "reward"
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
-        RewardSource(self.options).check()
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Greedy ``exact_match`` on held-out rows with answers, and the mean ``reward`` of greedy completions."""

@@ -122,7 +122,7 @@ def reward_model_reward(prompts: list[Any], completions: list[str], path: str | 
 
     Args:
         path: the reward model's folder (a ``reward_model`` stage's folder or its ``final/``);
-            set it with ``reward_options: {reward_model: {path: ...}}`` or a stage's ``reward_model`` option.
+            set it with ``reward_options: {reward_model: {path: ...}}``.
         batch_size: completions scored together.
 
     Raises:
@@ -130,6 +130,6 @@ def reward_model_reward(prompts: list[Any], completions: list[str], path: str | 
     """
     if path is None:
         raise PolmError("reward 'reward_model' needs option 'path': set reward_options: {reward_model: {path: "
-                        "<reward_model stage folder>}} or the stage's 'reward_model' option")
+                        "<reward_model stage folder>}}")
     model, tokenizer = load_reward_model(path)
     return score_completions(model, tokenizer, prompts, completions, batch_size)

@@ -8,9 +8,9 @@ format (``AutoModelForSequenceClassification.from_pretrained`` loads it).
 
 In a pipeline the reward model is a side product: the stage passes the model
 it started from, unchanged, to the next stage (``trains_policy = False``). A
-later stage uses the reward model by pointing at the folder, e.g.
-``ppo: {reward_model: runs/demo/01-reward_model}`` or the reward
-``reward_model`` with ``reward_options: {reward_model: {path: ...}}``.
+later stage uses the reward model as the reward ``reward_model`` with the
+folder as its option, e.g. ``ppo: {rewards: {reward_model: 1.0},
+reward_options: {reward_model: {path: runs/demo/01-reward_model}}}``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import check_data_spec, load_rows, row_format
+from polm.engine.data import load_rows, row_format
 from polm.engine.encoding import keep_rows_that_fit
+from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.reference import eval_mode
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -32,23 +33,17 @@ from polm.plugins.alignment.reward_model.model import build_reward_model, is_rew
 
 
 @dataclass
-class RewardModelOptions(StageOptions):
-    """Options of ``reward_model``."""
+class RewardModelOptions(StageOptions, DataOptions):
+    """Options of ``reward_model``; ``data`` holds preference rows ``{prompt, chosen, rejected}``."""
 
-    data: Any = field(default=None, metadata={
-        "help": "preference rows {prompt, chosen, rejected}: 'polm:<name>', a JSONL path, or a list"})
     margin: float = field(default=0.0, metadata={
-        "help": "Bradley–Terry margin: the chosen score should exceed the rejected one by this much"})
+        "help": "Bradley–Terry margin: the chosen score should exceed the rejected one by this much", "min": 0})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (preference rows, e.g. 'polm:arithmetic-prefs')")
         if self.tuning != "full":
             raise ValueError(f"the reward model trains every weight; tuning '{self.tuning}' is not supported here, "
                              "remove the 'tuning' option")
-        if self.margin < 0:
-            raise ValueError(f"'margin' must not be negative, got {self.margin}")
 
 
 class RewardModelStage(Stage):
@@ -57,11 +52,6 @@ class RewardModelStage(Stage):
     Options = RewardModelOptions
     headline_metric = "accuracy"
     trains_policy = False
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The policy as it came: the reward model is built from it in :meth:`run` and the policy passes on."""

@@ -1,8 +1,8 @@
 """The ``rft`` stage: rejection-sampling fine-tuning (RFT / STaR).
 
 Each round samples ``samples`` completions per prompt from the current model,
-keeps those a named reward accepts (score at least ``threshold``), and
-fine-tunes on them with the SFT loss. References: Zelikman et al. 2022,
+keeps those whose weighted reward (``rewards``, as in every stage that scores
+completions) is at least ``threshold``, and fine-tunes on them with the SFT loss. References: Zelikman et al. 2022,
 "STaR: Bootstrapping Reasoning With Reasoning"; Yuan et al. 2023, "Scaling
 Relationship on Learning Mathematical Reasoning with Large Language Models" (RFT).
 
@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from polm.engine.checkpoint import atomic_directory, save_model
-from polm.engine.data import check_data_spec, load_rows
+from polm.engine.data import load_rows
 from polm.engine.encoding import encode_completion, pad_batch, truncate
 from polm.engine.evaluation import generate
 from polm.engine.lm import lm_loss
+from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
-from polm.engine.rewards import score
+from polm.engine.rewards import score_weighted
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.engine.tuning import tuning_method
@@ -38,56 +39,37 @@ ROUND_FILE = "round.json"
 
 
 @dataclass
-class RFTOptions(StageOptions):
-    """Options of ``rft``: ``max_steps`` / ``epochs`` apply to each round's fine-tuning."""
+class RFTOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
+    """Options of ``rft``: ``data`` holds prompts with the fields the rewards need (e.g. ``{prompt, answer}``);
+    ``max_steps`` / ``epochs`` apply to each round's fine-tuning."""
 
-    data: Any = field(default=None, metadata={"help": "prompts with the fields the reward needs, e.g. {prompt, answer}"})
-    reward: str = field(default="accuracy", metadata={"help": "a registered reward that accepts or rejects samples"})
-    threshold: float = field(default=1.0, metadata={"help": "keep samples whose reward is at least this"})
-    rounds: int = field(default=3, metadata={"help": "sample-filter-train rounds"})
-    samples: int = field(default=8, metadata={"help": "completions sampled per prompt each round"})
-    prompts_per_round: int = field(default=2048, metadata={"help": "prompts drawn (seeded) from data each round"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    threshold: float = field(default=1.0, metadata={"help": "keep samples whose weighted reward is at least this"})
+    rounds: int = field(default=3, metadata={"help": "sample-filter-train rounds", "min": 1})
+    samples: int = field(default=8, metadata={"help": "completions sampled per prompt each round", "min": 1})
+    prompts_per_round: int = field(default=2048, metadata={
+        "help": "prompts drawn (seeded) from data each round", "min": 1})
     lr: float = field(default=3e-5, metadata={"help": "learning rate of each round's fine-tuning"})
     lr_scheduler: str = field(default="constant", metadata={"help": "schedule within each round"})
     max_pass_rate: float = field(default=1.0, metadata={
         "help": "learn from a prompt only when at most this fraction of its samples passed; below 1.0 it skips "
-                "prompts the model already solves every time, which would otherwise dominate the data"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (prompts with answers, e.g. 'polm:arithmetic')")
-        for name in ("rounds", "samples", "prompts_per_round"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError("'temperature' must be positive: rejection sampling needs diverse samples")
+                "prompts the model already solves every time, which would otherwise dominate the data",
+        "min": 0, "max": 1})
 
 
 class RFTStage(Stage):
-    """Sample, keep what the reward accepts, fine-tune; repeat."""
+    """Sample, keep what the rewards accept, fine-tune; repeat."""
 
     Options = RFTOptions
 
-    def check(self) -> None:
-        from polm.engine.plugins import registry
-
-        check_data_spec(self.options.data, "data")
-        registry("rewards").get(self.options.reward)
-
     def sample_round(self, model: torch.nn.Module, tokenizer: Any, rows: list[dict], seed: int) -> tuple[list, dict]:
-        """Sampled completions the reward accepts, as SFT examples, and the round's statistics."""
-        from polm.engine.plugins import registry
-
+        """Sampled completions the rewards accept, as SFT examples, and the round's statistics."""
         options = self.options
         prompts = random.Random(seed).sample(rows, min(options.prompts_per_round, len(rows)))
         repeated = [row for row in prompts for _ in range(options.samples)]
         torch.manual_seed(seed)
         completions = generate(model, tokenizer, [row["prompt"] for row in repeated], options.max_new_tokens,
-                               temperature=options.temperature, top_p=options.top_p)
-        rewards = score(options.reward, registry("rewards").get(options.reward), repeated, completions)
+                               temperature=options.temperature, top_p=options.top_p, stop_strings=options.stop_strings)
+        rewards, _ = score_weighted(options.reward_weights(), repeated, completions, options.reward_options)
         passed = [value >= options.threshold for value in rewards]
         k = options.samples
         pass_rate = [sum(passed[start: start + k]) / k for start in range(0, len(passed), k)]  # per prompt

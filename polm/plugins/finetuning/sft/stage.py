@@ -8,7 +8,7 @@ from typing import Any
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from polm.engine.errors import PolmError
-from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage, lm_loss
+from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.plugins.finetuning.sft.packing import collate_packed, concatenate, pack
@@ -18,14 +18,15 @@ VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 
 @dataclass
 class SFTOptions(LanguageModellingOptions):
-    """Options of ``sft``; rows may be ``{text}``, ``{prompt, completion}``, ``{messages}`` or ``{prompt, answer}``."""
+    """Options of ``sft``; ``data`` rows may be ``{text}``, ``{prompt, completion}``, ``{messages}`` or
+    ``{prompt, answer}``, and ``objective`` any of the language_modelling family."""
 
     packing: bool = field(default=False, metadata={
         "help": "pack several examples into rows of max_length tokens; samples do not attend to each other"})
     padding_free: bool = field(default=False, metadata={
         "help": "put each micro-batch in one unpadded row (batch_size examples), samples kept apart"})
     neftune_alpha: float = field(default=0.0, metadata={
-        "help": "NEFTune: uniform noise of scale alpha/sqrt(T*d) on input embeddings in training (0: off)"})
+        "help": "NEFTune: uniform noise of scale alpha/sqrt(T*d) on input embeddings in training (0: off)", "min": 0})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -34,8 +35,6 @@ class SFTOptions(LanguageModellingOptions):
         if (self.packing or self.padding_free) and self.tuning in VIRTUAL_TOKEN_METHODS:
             raise ValueError(f"'packing'/'padding_free' cannot be combined with tuning '{self.tuning}', whose "
                              "virtual tokens would be shared across packed samples; turn packing off")
-        if self.neftune_alpha < 0:
-            raise ValueError(f"'neftune_alpha' must not be negative, got {self.neftune_alpha}")
 
 
 class SFTStage(LanguageModellingStage):
@@ -61,7 +60,7 @@ class SFTStage(LanguageModellingStage):
         return TrainingTask(
             rows=rows,
             collate=collate,
-            compute_loss=lm_loss,
+            compute_loss=self.loss(),
             evaluate=lambda model: self.evaluate(model, tokenizer),
             count_tokens=lambda batch: int(batch["num_tokens"]),
         )

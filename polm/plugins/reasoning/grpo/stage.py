@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, check_data_spec, load_rows
+from polm.engine.data import Row, load_rows
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
 from polm.engine.rewards import parse_reward_weights, score_weighted
@@ -138,21 +138,6 @@ class GRPOStage(Stage):
     """Sample groups of completions, reward them, push the policy toward the better ones of each group."""
 
     Options = GRPOOptions
-
-    def check(self) -> None:
-        from polm.engine.plugins import registry
-
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
-        weights = parse_reward_weights(self.options.rewards)
-        rewards = registry("rewards")
-        for name in weights:
-            rewards.get(name)
-        stray = sorted(set(self.options.reward_options) - set(weights))
-        if stray:
-            raise PolmError(f"option 'reward_options' sets options of {', '.join(stray)}, which 'rewards' does not "
-                            f"list ({', '.join(weights)}); add them to 'rewards' or remove their options")
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out greedy ``reward`` (weighted) and ``reward/<name>``, and ``exact_match`` on rows with answers."""

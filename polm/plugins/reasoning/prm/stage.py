@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import Row, check_data_spec, load_rows
+from polm.engine.data import Row, load_rows
 from polm.engine.encoding import keep_rows_that_fit, pad_batch, truncate
 from polm.engine.errors import PolmError
+from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
@@ -44,12 +45,10 @@ from polm.plugins.reasoning.prm.steps import Span, StepExample, encode_solution,
 
 
 @dataclass
-class PRMOptions(StageOptions):
-    """Options of ``prm``."""
+class PRMOptions(StageOptions, DataOptions):
+    """Options of ``prm``; ``data`` holds step-labelled rows ``{prompt, steps, labels, completion?}``
+    (e.g. ``polm:arithmetic-steps``)."""
 
-    data: Any = field(default=None, metadata={
-        "help": "step-labelled rows {prompt, steps, labels, completion?}: 'polm:arithmetic-steps', a JSONL path "
-                "or rows"})
     lr: float | None = field(default=None, metadata={
         "help": "peak learning rate; by default 5e-5 for the likelihood head (it fine-tunes the LM itself) "
                 "and 5e-4 for the classifier head (new weights)"})
@@ -58,20 +57,16 @@ class PRMOptions(StageOptions):
         "help": "'likelihood': the LM itself, a step scored by the probability of its least likely token; "
                 "'classifier': a new right/wrong head read where each step ends (Lightman et al. 2023). "
                 "On polm:arithmetic-steps the likelihood head reached 0.82 held-out step accuracy, the "
-                "classifier 0.70"})
+                "classifier 0.70", "choices": HEADS})
 
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = 5e-4 if self.head == "classifier" else 5e-5
         super().__post_init__()
-        if self.data is None:
-            raise ValueError("option 'data' is required (step-labelled rows, e.g. 'polm:arithmetic-steps')")
         if self.tuning != "full":
             raise ValueError(f"'tuning' must be 'full' for prm (the PRM is saved as a whole model), got '{self.tuning}'")
         if not self.separator:
             raise ValueError("'separator' must not be empty")
-        if self.head not in HEADS:
-            raise ValueError(f"'head' must be one of {', '.join(HEADS)}, got '{self.head}'")
 
 
 def _checked(row: Row, where: str, separator: str) -> tuple[str, list[Span], list[int]]:
@@ -99,11 +94,6 @@ class PRMStage(Stage):
     Options = PRMOptions
     headline_metric = "step_accuracy"
     trains_policy = False
-
-    def check(self) -> None:
-        check_data_spec(self.options.data, "data")
-        if self.options.eval_data is not None:
-            check_data_spec(self.options.eval_data, "eval_data")
 
     def examples(self, tokenizer: Any, rows: list[Row], what: str) -> list[StepExample]:
         """The rows encoded with their step labels, that fit ``max_length`` (:func:`keep_rows_that_fit`: a row
