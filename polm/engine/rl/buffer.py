@@ -1,6 +1,6 @@
 """The rollout buffer: one generation batch of an on-policy stage and the updates still to make from it.
 
-An on-policy stage (:class:`polm.engine.rl.on_policy.OnPolicyTask`) collects a buffer from the prompts of one
+An on-policy stage (:class:`polm.engine.trainer.OnPolicyTask`) collects a buffer from the prompts of one
 optimizer step, without gradients: the samples, their scores and advantages, and the log-probs its updates
 compare against. The training loop then makes the buffer's ``updates`` one optimizer step each (GRPO's
 ``num_iterations``, PPO's ``ppo_epochs x minibatches``), cutting each update into ``grad_accum`` micro-batches.
