@@ -11,13 +11,12 @@ import argparse
 import inspect
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tests.helpers import registered
 
 import polm
 from polm.engine import hookspecs
@@ -36,17 +35,6 @@ ROWS = [
     {"prompt": "What is 12 + 7?", "answer": "19", "level": 2},
     {"prompt": "What is 30 + 12?", "answer": "42", "level": 2},
 ]
-
-
-@contextmanager
-def registered(plugin: object, name: str) -> Iterator[object]:
-    """``plugin`` registered under ``name`` for the duration of the block."""
-    manager = polm.plugin_manager()
-    manager.register(plugin, name=name)
-    try:
-        yield plugin
-    finally:
-        manager.unregister(name=name)
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import builtins
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
+from tests.helpers import registered
 
 import polm
 from polm.engine import hookspecs
@@ -25,17 +24,6 @@ from polm.engine.plugins import DEFAULT_PLUGINS, plugin_problems, registry
 from polm.engine.registry import COMPONENT_KINDS
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.plugins.reasoning.rewards import accuracy_reward
-
-
-@contextmanager
-def registered(plugin: object, name: str) -> Iterator[object]:
-    """``plugin`` registered under ``name`` for the duration of the block."""
-    manager = polm.plugin_manager()
-    manager.register(plugin, name=name)
-    try:
-        yield plugin
-    finally:
-        manager.unregister(name=name)
 
 
 def problems_of(plugin_name: str) -> list[str]:
