@@ -114,11 +114,11 @@ def test_variants_differ_only_in_their_length_normalisation():
     torch.testing.assert_close(aggregate(per_token, unequal, "dr_grpo", max_completion_length=3), torch.tensor(16 / 6))
 
 
-@pytest.mark.parametrize("loss_type, epsilon_high, dynamic_sampling", [
+@pytest.mark.parametrize("objective, epsilon_high, dynamic_sampling", [
     ("grpo", 0.2, False), ("dr_grpo", 0.2, False), ("dapo", 0.28, True),
 ])
-def test_each_variant_sets_its_own_defaults(loss_type, epsilon_high, dynamic_sampling):
-    options = GRPOOptions(data="polm:arithmetic", loss_type=loss_type)
+def test_each_variant_sets_its_own_defaults(objective, epsilon_high, dynamic_sampling):
+    options = GRPOOptions(data="polm:arithmetic", objective=objective)
     assert (options.epsilon_high, options.dynamic_sampling) == (epsilon_high, dynamic_sampling)
-    explicit = GRPOOptions(data="polm:arithmetic", loss_type=loss_type, epsilon_high=0.3, dynamic_sampling=False)
+    explicit = GRPOOptions(data="polm:arithmetic", objective=objective, epsilon_high=0.3, dynamic_sampling=False)
     assert (explicit.epsilon_high, explicit.dynamic_sampling) == (0.3, False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import polm
+from polm.engine.objectives import POLICY_GRADIENT, find_objective
 from polm.plugins.reasoning.grpo import GRPOOptions
 from polm.plugins.reasoning.grpo.stage import GRPOStep
 
@@ -74,17 +75,20 @@ def test_unknown_rewards_and_stray_reward_options_fail_before_training(tmp_path)
         polm.Pipeline().add("grpo", data="polm:arithmetic", rewards={"acuracy": 1.0})
     with pytest.raises(polm.PolmError, match="'reward_options' sets options of format"):
         polm.Pipeline().add("grpo", data="polm:arithmetic", reward_options={"format": {"pattern": "x"}})
-    with pytest.raises(polm.PolmError, match="'loss_type' must be one of grpo, dr_grpo, dapo"):
-        polm.Pipeline().add("grpo", data="polm:arithmetic", loss_type="ppo")
+    with pytest.raises(polm.PolmError, match=r"unknown objective 'ppo'\. Did you mean 'grpo'\? Available: dapo, dr_grpo, grpo"):
+        polm.Pipeline().add("grpo", data="polm:arithmetic", objective="ppo")
+    with pytest.raises(polm.PolmError, match=r"unknown option 'loss_type'\. Did you mean 'objective'\?"):
+        polm.Pipeline().add("grpo", data="polm:arithmetic", loss_type="dapo")  # TRL's name
 
 
 def test_dynamic_sampling_drops_groups_with_equal_rewards(random_model, tokenizer):
     rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 3 * 4?", "answer": "12"}]
-    options = GRPOOptions(data=rows, num_generations=4, max_new_tokens=6, loss_type="dapo",
+    options = GRPOOptions(data=rows, num_generations=4, max_new_tokens=6, objective="dapo",
                           rewards={"fixed_for_first_prompt": 1.0})
     torch.manual_seed(0)
     with reward_plugin():
-        step = GRPOStep(options, tokenizer, {"fixed_for_first_prompt": 1.0}, None)
+        step = GRPOStep(options, tokenizer, {"fixed_for_first_prompt": 1.0}, None,
+                        find_objective("dapo", POLICY_GRADIENT))
         buffer = step.collect(random_model, rows)
     rollout = buffer.fields["rollout"]
     assert buffer.metrics["groups_kept"] == 0.5
@@ -96,8 +100,8 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(random_model, tokenize
 
 
 @pytest.mark.parametrize("options", [
-    {"loss_type": "dr_grpo"},
-    {"loss_type": "dapo"},
+    {"objective": "dr_grpo"},
+    {"objective": "dapo"},
     {"advantage": "rloo", "num_iterations": 2},
     {"beta": 0.1},
 ])

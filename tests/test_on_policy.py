@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import polm
+from polm.engine.objectives import POLICY_GRADIENT, find_objective
 from polm.engine.rl import ReferenceModel
 from polm.engine.rl.buffer import RolloutBuffer
 from polm.engine.rl.on_policy import OnPolicySteps
@@ -68,9 +69,9 @@ def _assert_same_gradients(actual: list[torch.Tensor], expected: list[torch.Tens
         assert_close(a, e, rtol=1e-4, atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
+@pytest.mark.parametrize("objective", ["dapo", "dr_grpo", "grpo"])
 def test_grpo_at_batch_8_and_at_batch_4_with_grad_accum_2_gives_the_same_gradient(
-        random_model, tokenizer, arithmetic, tmp_path, loss_type):
+        random_model, tokenizer, arithmetic, tmp_path, objective):
     """One generation batch of 8 prompts x 4 completions, built once; the update as one micro-batch and as two.
 
     ``dapo`` defines its loss as one sum over every completion token of the batch over their count (Yu et al.
@@ -80,9 +81,10 @@ def test_grpo_at_batch_8_and_at_batch_4_with_grad_accum_2_gives_the_same_gradien
     so their halves weigh 1/2 each.
     """
     rows = arithmetic[0][:8]
-    options = GRPOOptions(data=rows, batch_size=8, num_generations=4, max_new_tokens=8, loss_type=loss_type,
+    options = GRPOOptions(data=rows, batch_size=8, num_generations=4, max_new_tokens=8, objective=objective,
                           dynamic_sampling=False, beta=0.04, rewards={"length": 1.0})
-    step = GRPOStep(options, tokenizer, {"length": 1.0}, ReferenceModel(random_model))
+    step = GRPOStep(options, tokenizer, {"length": 1.0}, ReferenceModel(random_model),
+                    find_objective(objective, POLICY_GRADIENT))
     torch.manual_seed(0)
     with torch.no_grad():
         buffer = step.collect(random_model, rows)
@@ -96,7 +98,7 @@ def test_grpo_at_batch_8_and_at_batch_4_with_grad_accum_2_gives_the_same_gradien
 
     whole = gradients(1)
     _assert_same_gradients(gradients(2), whole)
-    if loss_type == "dapo":
+    if objective == "dapo":
         first, second = copy.deepcopy(buffer).next_update(2)
         assert first.weight != second.weight, "the halves must differ in tokens for the check to tell"
         for parameter in parameters:
@@ -114,7 +116,7 @@ def test_ppo_with_grad_accum_2_gives_the_gradient_of_the_whole_minibatch(random_
                          max_new_tokens=8)
     value_head = ValueHead(32)
     step = PPOStep(options, tokenizer, lambda prompts, completions: torch.tensor([float(len(c)) for c in completions]),
-                   ReferenceModel(random_model), value_head)
+                   ReferenceModel(random_model), value_head, find_objective("dapo", POLICY_GRADIENT))
     torch.manual_seed(0)
     with torch.no_grad():
         buffer = step.collect(random_model, rows)
@@ -161,7 +163,7 @@ def _tensors(stage_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stage, options", [
-    ("grpo", {"num_generations": 4, "num_iterations": 2, "beta": 0.04, "loss_type": "dapo"}),
+    ("grpo", {"num_generations": 4, "num_iterations": 2, "beta": 0.04, "objective": "dapo"}),
     ("ppo", {"samples": 2, "ppo_epochs": 2, "grad_accum": 2}),
 ])
 def test_a_run_killed_between_two_updates_of_a_generation_batch_resumes_exactly(

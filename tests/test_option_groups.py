@@ -33,6 +33,7 @@ class OptionGroupsPlugin:
     def __init__(self) -> None:
         self.targets: list[int] = []
         self.smoothings: list[float] = []
+        self.reinforce_scales: list[float] = []
 
     def length_target(self, prompts: list[Any], completions: list[str], target: int = 3,
                       **fields: Any) -> list[float]:
@@ -52,6 +53,16 @@ class OptionGroupsPlugin:
                                reduction="sum", label_smoothing=smoothing) / count
         return loss, {"label_tokens": float(count)}
 
+    def reinforce(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  *, scale: float = 1.0, **context: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """REINFORCE without clipping, ``-scale * A * log p`` averaged over completion tokens (Williams 1992)."""
+        if scale <= 0:
+            raise ValueError(f"'scale' must be positive, got {scale}")
+        self.reinforce_scales.append(scale)
+        advantage = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (N, 1) or (N, C)
+        mask = mask.to(logps.dtype)
+        return -scale * (advantage * logps * mask).sum() / mask.sum().clamp(min=1), {}
+
     @polm.hookimpl
     def polm_register_rewards(self, register):
         register("length_target", self.length_target, description="closeness to 'target' characters (test)")
@@ -61,6 +72,8 @@ class OptionGroupsPlugin:
         register("label_smoothed", self.label_smoothed, family="language_modelling",
                  description="label-smoothed cross-entropy (test)")
         register("familyless", self.label_smoothed, description="registered without a family (test)")
+        register("reinforce", self.reinforce, family="policy_gradient", token_level=True,
+                 description="REINFORCE token mean (test)")
 
 
 @pytest.fixture
@@ -102,11 +115,11 @@ def test_options_of_a_reward_that_is_not_used_fail_in_every_scoring_stage(plugin
 
 @pytest.mark.parametrize("stage, settings", [
     ("grpo", {"num_generations": 2, "max_steps": 1}),
-    ("rft", {"rounds": 1, "samples": 2, "prompts_per_round": 2, "max_steps": 1, "threshold": 0.0}),
+    ("rft", {"samples": 2, "max_steps": 1, "threshold": 0.0}),
 ])
 def test_the_reward_option_reaches_the_reward(plugin, random_model, tokenizer, arithmetic, tmp_path, stage,
                                               settings):
-    """One step of grpo and one round of rft: every call of the reward sees ``target`` 5, not its default 3;
+    """One step of grpo and of rft: every call of the reward sees ``target`` 5, not its default 3;
     rft's threshold 0 accepts every sample, which it then trains on."""
     rows, _ = arithmetic
     polm.Pipeline(random_model, tokenizer=tokenizer).add(
@@ -185,6 +198,10 @@ def test_objective_options_are_checked_against_the_objective(plugin):
      "dpo, hinge, ipo, orpo, robust, simpo"),
     ("kto", "polm:arithmetic-prefs", "dpo", ("pairwise", "unpaired"), "kto"),
     ("online_dpo", "polm:arithmetic", "kto", ("unpaired", "pairwise"), "dpo, hinge, ipo, orpo, robust, simpo"),
+    ("grpo", "polm:arithmetic", "dpo", ("pairwise", "policy_gradient"), "dapo, dr_grpo, grpo, reinforce"),
+    ("ppo", "polm:arithmetic", "completion", ("language_modelling", "policy_gradient"),
+     "dapo, dr_grpo, grpo, reinforce"),
+    ("rft", "polm:arithmetic", "kto", ("unpaired", "language_modelling"), "completion, label_smoothed"),
 ])
 def test_an_objective_of_another_family_is_refused_naming_both_families(plugin, stage, data, objective, families,
                                                                          listed):
@@ -209,7 +226,41 @@ def test_built_in_objectives_declare_their_family():
     objectives = registry("objectives")
     assert objectives.entry("completion").metadata["family"] == "language_modelling"
     assert objectives.get("completion") is completion_loss
+    for name in ("grpo", "dr_grpo", "dapo"):
+        assert objectives.entry(name).metadata["family"] == "policy_gradient"
+        assert objectives.entry(name).metadata.get("token_level", False) == (name == "dapo")
     assert Stage.objective_family is None
+
+
+@pytest.mark.parametrize("stage, settings", [
+    ("grpo", {"num_generations": 2}),
+    ("ppo", {"samples": 1, "rewards": {"length_target": 1.0}}),
+])
+def test_grpo_and_ppo_train_with_a_plugin_policy_gradient_objective(plugin, random_model, tokenizer, arithmetic,
+                                                                    tmp_path, stage, settings):
+    """``objective: reinforce`` with its option, checked once when the stage is added, then called by each
+    update of the step (grpo: one; ppo: ppo_epochs 2 x minibatches 1)."""
+    rows, _ = arithmetic
+    settings = {"rewards": {"length_target": 1.0}, **settings}
+    pipeline = polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        stage, data=rows[:2], batch_size=2, max_new_tokens=4, eval_size=0, log_every=1, max_steps=1 if stage ==
+        "grpo" else 2, objective="reinforce", objective_options={"scale": 0.5}, **settings)
+    assert plugin.reinforce_scales == [0.5]
+    pipeline.run(tmp_path / "run")
+    assert plugin.reinforce_scales == [0.5] * (2 if stage == "grpo" else 3)  # checked when added, then each update
+
+
+def test_policy_gradient_objectives_take_the_stage_context_not_options(plugin):
+    """``beta`` is grpo's own option, which the stage passes every policy-gradient objective; ppo's value loss
+    is a token mean, so it refuses an objective that averages over completions."""
+    with pytest.raises(polm.PolmError, match=r"objective 'reinforce': 'beta' is set by the stage"):
+        polm.Pipeline("polm-tiny").add("grpo", data="polm:arithmetic", objective="reinforce",
+                                       objective_options={"beta": 0.1})
+    with pytest.raises(polm.PolmError, match=r"objective 'reinforce': 'scale' must be positive, got 0"):
+        polm.Pipeline("polm-tiny").add("grpo", data="polm:arithmetic", objective="reinforce",
+                                       objective_options={"scale": 0})
+    with pytest.raises(polm.PolmError, match=r"ppo's objective must be token-level .*'grpo' is not; use dapo"):
+        polm.Pipeline("polm-tiny").add("ppo", data="polm:arithmetic", objective="grpo")
 
 
 # Constraints in field metadata.
@@ -243,7 +294,6 @@ def test_values_inside_the_constraints_and_none_pass():
     ("sft", "polm:arithmetic", "neftune_alpha", -1.0, "'neftune_alpha' must not be negative, got -1.0"),
     ("grpo", "polm:arithmetic", "num_generations", 1, "'num_generations' must be at least 2, got 1"),
     ("grpo", "polm:arithmetic", "top_p", 1.5, "'top_p' must be in (0, 1], got 1.5"),
-    ("grpo", "polm:arithmetic", "loss_type", "ppo", "'loss_type' must be one of grpo, dr_grpo, dapo, got 'ppo'"),
     ("grpo", "polm:arithmetic", "lr", -1.0, "'lr' must not be negative, got -1.0"),  # redeclared: keeps min 0
     ("grpo", "polm:arithmetic", "epsilon", 1.0, "'epsilon' must be in (0, 1), got 1.0"),
     ("ppo", "polm:arithmetic", "clip_range", 0, "'clip_range' must be positive, got 0.0"),

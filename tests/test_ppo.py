@@ -16,6 +16,7 @@ import torch
 from torch.testing import assert_close
 
 import polm
+from polm.engine.objectives import POLICY_GRADIENT, find_objective
 from polm.engine.rl import ReferenceModel, clipped_policy_loss, gae, whiten
 from polm.plugins.alignment.ppo import PPOOptions, PPOStage, ValueHead, kl_penalised_rewards, ppo_value_loss
 from polm.plugins.alignment.ppo.stage import PPOStep
@@ -167,7 +168,7 @@ def test_prompt_baseline_scores_each_sample_against_the_other_samples_of_its_pro
     options = PPOOptions(**ppo_options("accuracy", prompt_baseline=True, kl_coef=0.0, lam=1.0,
                                        whiten_advantages=False))
     step = PPOStep(options, tokenizer, lambda rows, completions: torch.tensor([1.0, 3.0, 0.0, 4.0]),
-                   ReferenceModel(random_model), ValueHead(32))
+                   ReferenceModel(random_model), ValueHead(32), find_objective("dapo", POLICY_GRADIENT))
     with torch.no_grad():  # as the training loop calls it
         buffer = step.collect(random_model, PROMPTS[:2])
     mask = buffer.fields["rollout"].completion_mask.float()

@@ -1,4 +1,4 @@
-"""Rejection-sampling fine-tuning: filtering by a reward, rounds, and reward-call errors."""
+"""Rejection-sampling fine-tuning: filtering by a reward, one update per generation batch, reward-call errors."""
 
 from __future__ import annotations
 
@@ -38,36 +38,58 @@ def rewards_plugin():
         polm.plugin_manager().unregister(name="test-rft-rewards")
 
 
-def test_rft_keeps_accepted_samples_and_trains_each_round(random_model, tokenizer, arithmetic, tmp_path,
-                                                          rewards_plugin):
-    """Two rounds sample k completions per prompt, score them all, and fine-tune on the accepted ones."""
+def test_rft_samples_scores_and_trains_on_the_accepted_samples_each_step(random_model, tokenizer, arithmetic,
+                                                                          tmp_path, rewards_plugin):
+    """Each of two steps samples k completions of its batch's prompts, scores them all in one call, logs what
+    was accepted and trains on it; the held-out evaluation runs at the end."""
     rows, test_rows = arithmetic
     result = polm.Pipeline(random_model, tokenizer=tokenizer).add(
-        "rft", data=rows, rewards={"has_digit": 1.0}, threshold=1.0, rounds=2, samples=3, prompts_per_round=8,
-        max_new_tokens=4, max_steps=2, batch_size=4, eval_data=test_rows, eval_size=4,
+        "rft", data=rows, rewards={"has_digit": 1.0}, threshold=1.0, samples=3, max_new_tokens=4, max_steps=2,
+        batch_size=4, log_every=1, eval_data=test_rows, eval_size=4,
     ).run(tmp_path / "run")
-    assert rewards_plugin.calls == [24, 24]  # 8 prompts x 3 samples, per round
-    accepted = [json.loads((tmp_path / f"run/00-rft/round-{index}/final/round.json").read_text())
-                [f"round_{index}/accepted_fraction"] for index in range(2)]
-    assert all(0 <= fraction <= 1 for fraction in accepted) and accepted[0] > 0, accepted
+    assert rewards_plugin.calls == [12, 12]  # 4 prompts x 3 samples, per step
+    logged = [json.loads(line) for line in (tmp_path / "run/00-rft/metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in logged if "accepted_fraction" in record]
+    assert [record["step"] for record in steps] == [1, 2]
+    for record in steps:
+        assert 0 <= record["accepted_fraction"] <= 1 and 0 <= record["examples"] <= 12
+        assert 0 <= record["prompts_solved"] <= 1
+        assert ("label_tokens" in record) == (record["examples"] > 0), record  # trained on what it accepted
     assert "eval/exact_match" in result.stages[0].metrics
 
 
-def test_max_pass_rate_skips_prompts_whose_samples_all_passed(random_model, tokenizer, rewards_plugin):
+def _step(tokenizer, rows, **options):
+    from polm.engine.lm import completion_loss
+    from polm.plugins.finetuning.rft.stage import RFTOptions, RFTStep
+
+    return RFTStep(RFTOptions(data=rows, **options), tokenizer, completion_loss)
+
+
+def test_max_pass_rate_skips_prompts_whose_samples_all_passed(tokenizer, rewards_plugin):
     """Prompts of even level pass every sample (pass rate 1.0), the others none: at max_pass_rate 0.5
     nothing is learnt from; at 1.0 each even-level prompt contributes its distinct passing samples."""
-    from polm.plugins.finetuning.rft.stage import RFTStage
-
     rows = [{"prompt": f"What is {n} + 1?", "answer": str(n + 1), "level": n % 4 + 1} for n in range(8)]
-    stats = {}
-    for rate in (0.5, 1.0):
-        stage = RFTStage("rft", RFTStage.Options(data=rows, rewards={"even_level": 1.0}, samples=3, prompts_per_round=8,
-                                                 max_new_tokens=3, max_pass_rate=rate))
-        examples, stats[rate] = stage.sample_round(random_model, tokenizer, rows, seed=0)
-        assert stats[rate]["accepted_fraction"] == 0.5 and stats[rate]["prompts_solved"] == 0.5
-        assert len(examples) == stats[rate]["examples"]
-    assert stats[0.5]["examples"] == 0
-    assert 4 <= stats[1.0]["examples"] <= 12  # 4 prompts x 3 samples, minus repeated completions
+    completions = [f"{n + 1}" if sample < 2 else f"{n + 1}." for n in range(8) for sample in range(3)]
+    for rate, expected in ((0.5, 0), (1.0, 8)):  # 4 even-level prompts x 2 distinct completions
+        examples, stats = _step(tokenizer, rows, rewards={"even_level": 1.0}, samples=3,
+                                max_pass_rate=rate).accepted(rows, completions)
+        assert stats == {"accepted_fraction": 0.5, "mean_reward": 0.5, "prompts_solved": 0.5,
+                         "examples": float(expected)}
+        assert len(examples) == expected
+
+
+def test_the_update_weighs_each_accepted_sample_by_its_label_tokens(random_model, tokenizer, rewards_plugin):
+    """The buffer holds one update of every accepted sample, each weighing its label tokens: split into
+    micro-batches, the loop's normalisation then gives the token mean over all of them."""
+    from polm.engine.encoding import IGNORE_INDEX
+
+    rows = [{"prompt": f"What is {n} + 1?", "answer": str(n + 1)} for n in range(4)]
+    buffer = _step(tokenizer, rows, rewards={"has_digit": 1.0}, samples=2, max_new_tokens=4,
+                   temperature=1.0).collect(random_model, rows)
+    examples = buffer.fields["examples"]
+    assert buffer.updates == [list(range(len(examples)))]
+    assert buffer.weights.tolist() == [sum(label != IGNORE_INDEX for label in example.labels[1:])
+                                       for example in examples]
 
 
 def test_reward_with_wrong_length_is_named_with_the_sample(rewards_plugin):

@@ -158,3 +158,50 @@ def test_the_training_loop_decays_only_weight_matrices(random_model, tokenizer, 
     matrices = sum(parameter.dim() >= 2 for parameter in random_model.parameters())
     assert [(group["weight_decay"], len(group["params"])) for group in groups] == [
         (0.1, matrices), (0.0, len(list(random_model.parameters())) - matrices)]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_at_batch_8_and_at_batch_4_with_grad_accum_2_gives_the_same_gradient(random_model, tokenizer, arithmetic,
+                                                                                 tmp_path, packing):
+    """One step of 8 rows as one micro-batch and as two of 4: each micro-batch's mean over its label tokens
+    weighs its share of the step's label tokens, so the gradient is that of one mean over all 8 rows (as
+    transformers' Trainer divides by the step's label tokens). The two halves differ in label tokens, so the
+    plain average of their means, what grad_accum gave before, is checked to differ.
+
+    Over ten steps of polm-tiny on polm:arithmetic (lr 1e-3) the final weights of batch 8 and 4 x 2 differ by
+    at most 3.9e-6 at seed 0 and 2.5e-5 at seed 3 (AdamW amplifies float rounding where a gradient is near
+    zero), against 6.6e-3 before, for an update of 5.5e-3.
+    """
+    from polm.engine.trainer import SupervisedSteps, make_accelerator
+
+    layout = {"packing": True, "max_length": 40} if packing else {}  # packs of a few rows each
+    stage = polm.Pipeline(random_model, tokenizer=tokenizer).add("sft", data=arithmetic[0], **layout).stages[0]
+    task = stage.training_task(tokenizer)
+    accelerator = make_accelerator("no", tmp_path)
+    parameters = list(random_model.parameters())
+
+    def gradients(micro_batches: list[list]) -> list[torch.Tensor]:
+        steps = SupervisedSteps(task, accelerator)
+        for parameter in parameters:
+            parameter.grad = None
+        steps.prepare(random_model, micro_batches)
+        for micro in range(len(micro_batches)):
+            steps.loss(random_model, micro)[0].backward()
+        return [parameter.grad.clone() for parameter in parameters]
+
+    by_tokens = sorted(task.rows[:16], key=lambda row: task.weigh(task.collate([row])))
+    rows = by_tokens[:4] + by_tokens[-4:]  # the shortest four, then the longest four
+    whole = gradients([rows])
+    halves = gradients([rows[:4], rows[4:]])
+    scale = max(float(grad.abs().max()) for grad in whole)
+    for half, full in zip(halves, whole):
+        assert_close(half, full, rtol=1e-4, atol=1e-6 * scale)
+    first, second = (task.weigh(task.collate(part)) for part in (rows[:4], rows[4:]))
+    assert first != second, "the halves must differ in label tokens for the check to tell"
+    for parameter in parameters:
+        parameter.grad = None
+    for part in (rows[:4], rows[4:]):
+        (task.compute_loss(random_model, task.collate(part))[0] / 2).backward()
+    with pytest.raises(AssertionError):
+        for averaged, full in zip((parameter.grad for parameter in parameters), whole):
+            assert_close(averaged, full, rtol=1e-4, atol=1e-6 * scale)

@@ -65,7 +65,10 @@ def polm_register_objectives(register: Register) -> None:
     ref_rejected_logps, **options)`` (``dpo``, ``simpo``, ``orpo``,
     ``online_dpo``; also ``reference_free`` and ``average_logps``), and
     ``family="unpaired"`` for ``fn(policy_logps, ref_logps, labels,
-    reference_point, **options)`` (``kto``). A stage's ``objective`` option
+    reference_point, **options)`` (``kto``), and ``family="policy_gradient"``
+    for ``fn(logps, old_logps, advantages, mask, *, ref_logps, beta,
+    epsilon_low, epsilon_high, max_completion_length, **options)`` (``grpo``,
+    ``ppo``; also ``token_level``). A stage's ``objective`` option
     names one; one of another family, or without a family, is refused when the
     stage is added. Keyword options with defaults are set by the stage's
     ``objective_options``.

@@ -2,8 +2,9 @@
 
 The family every stage belongs to that trains on given text rather than on preferences or rewards:
 ``sft`` (with packing and NEFTune on top), ``align`` (the same loss through frozen encoders and trained
-connectors) and the training rounds of ``rft``. The loss and the stage base live here, in the engine,
-so those plugins share them without importing each other. ``sft`` and ``align`` train with any
+connectors) and the updates of ``rft`` on its accepted samples. The loss and the stage base live here, in
+the engine, so those plugins share them without importing each other. ``sft``, ``align`` and ``rft`` train
+with any
 registered objective of the ``language_modelling`` family (``objective:``, see
 :mod:`polm.engine.objectives`); the default ``completion`` is :func:`completion_loss`, registered by the
 fine-tuning plugin.
@@ -62,6 +63,12 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss, {"token_accuracy": accuracy, "label_tokens": float(count)}
 
 
+def label_tokens(batch: dict[str, Any]) -> int:
+    """The tokens :func:`completion_loss` averages over in ``batch`` (labelled positions after the first): a
+    language-modelling batch's weight in the loss normalisation over an optimizer step."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, Any], objective: LanguageModellingObjective = completion_loss,
             options: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``objective`` (by default the completion loss) of a padded batch, or of a packed one (``position_ids``
@@ -104,6 +111,7 @@ class LanguageModellingStage(Stage):
             rows=self.encode(tokenizer),
             collate=lambda items: pad_batch(items, tokenizer.pad_token_id),
             compute_loss=self.loss(),
+            weigh=label_tokens,
             evaluate=lambda model: self.evaluate(model, tokenizer),
         )
 

@@ -6,22 +6,30 @@ the objectives of one family, chosen by its ``objective`` option and configured 
 (keyword arguments with defaults; an objective rejects a bad value with ``ValueError``):
 
 - ``language_modelling``: ``fn(logits, labels, **options)`` with (B, T, V) logits and (B, T) labels,
-  ``-100`` where no loss is taken; the loss of ``sft`` and ``align`` (default ``completion``,
+  ``-100`` where no loss is taken, returning a mean over the labelled tokens (the training loop weighs
+  micro-batches by those tokens); the loss of ``sft``, ``align`` and ``rft`` (default ``completion``,
   :func:`polm.engine.lm.completion_loss`).
 - ``pairwise``: ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
   **options)``, each a (B,) tensor of completion log-probs; ``dpo`` (default ``dpo``), ``simpo``, ``orpo``
   and ``online_dpo``.
 - ``unpaired``: ``fn(policy_logps, ref_logps, labels, reference_point, **options)`` with (B,) log-probs,
   (B,) bool labels (True: desirable) and a scalar reference point; ``kto`` (default ``kto``).
+- ``policy_gradient``: ``fn(logps, old_logps, advantages, mask, *, ref_logps, beta, epsilon_low,
+  epsilon_high, max_completion_length, **options)`` with (N, C) log-probs of the sampled completion
+  tokens under the policy and under the sampling policy, (N,) or (N, C) advantages and the (N, C)
+  completion mask; the stage passes the keyword context (the reference's log-probs or None, its KL
+  weight, the clip range and the generation budget: an objective takes ``**context`` for what it does not
+  use), and ``objective_options`` on top. The loss of ``grpo`` (default ``grpo``) and ``ppo`` (default
+  ``dapo``); the built-in ``grpo``, ``dr_grpo`` and ``dapo`` are the clipped surrogate
+  (:func:`polm.engine.rl.losses.clipped_policy_loss`) under each paper's reduction.
 
 A pairwise objective may also declare ``reference_free=True`` (it takes None for the reference log-probs
 and no reference model is held) and ``average_logps=True`` (log-probs averaged over the completion's
-tokens rather than summed). An objective registered without a family belongs to none and no stage uses it.
-
-Policy-gradient losses are not a family: ``grpo`` and ``ppo`` share one clipped loss
-(:func:`polm.engine.rl.losses.clipped_policy_loss`) whose variants ``grpo``'s ``loss_type`` names, and
-its inputs (sampling-time log-probs, advantages, the completion mask) come from the rollout buffer of the
-step rather than from a batch of rows.
+tokens rather than summed). A policy-gradient objective declares ``token_level=True`` when its loss is a
+mean over every completion token rather than over completions: its stage then weighs each completion by
+its tokens in the rollout buffer, so that the training loop normalises an update over every token of the
+accumulation window (:mod:`polm.engine.rl.on_policy`). An objective registered without a family belongs to none and no
+stage uses it.
 """
 
 from __future__ import annotations
@@ -40,8 +48,12 @@ from polm.engine.registry import Entry
 LANGUAGE_MODELLING = "language_modelling"
 PAIRWISE = "pairwise"
 UNPAIRED = "unpaired"
+POLICY_GRADIENT = "policy_gradient"
 #: Each family and the number of tensors its objectives take positionally before their options.
-FAMILIES = {LANGUAGE_MODELLING: 2, PAIRWISE: 4, UNPAIRED: 4}
+FAMILIES = {LANGUAGE_MODELLING: 2, PAIRWISE: 4, UNPAIRED: 4, POLICY_GRADIENT: 4}
+#: The keyword context a stage passes every policy-gradient objective (values for the check before training).
+POLICY_CONTEXT = {"ref_logps": None, "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2,
+                  "max_completion_length": 1}
 
 
 class LanguageModellingObjective(Protocol):
@@ -66,21 +78,31 @@ class UnpairedObjective(Protocol):
                  reference_point: torch.Tensor | float, **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+class PolicyGradientObjective(Protocol):
+    """A policy loss on sampled completions: (N, C) log-probs under the policy (with gradients) and under the
+    sampling policy, advantages (N,) or (N, C), the (N, C) completion mask, and the stage's keyword context."""
+
+    def __call__(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 *, ref_logps: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float,
+                 max_completion_length: int, **options: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
 @dataclass
 class Objective:
     """A registered objective and what its metadata says about its inputs."""
 
     name: str
-    fn: LanguageModellingObjective | PairwiseObjective | UnpairedObjective
+    fn: LanguageModellingObjective | PairwiseObjective | UnpairedObjective | PolicyGradientObjective
     family: str
     reference_free: bool = False
     average_logps: bool = False
+    token_level: bool = False
 
     @classmethod
     def from_entry(cls, entry: Entry[Any]) -> Objective:
         meta = entry.metadata
         return cls(entry.name, entry.obj, meta["family"], bool(meta.get("reference_free", False)),
-                   bool(meta.get("average_logps", False)))
+                   bool(meta.get("average_logps", False)), bool(meta.get("token_level", False)))
 
 
 def objectives_of(family: str) -> list[str]:
@@ -115,7 +137,7 @@ def find_objective(name: str, family: str) -> Objective:
 
 
 def _check_function_options(where: str, fn: Callable[..., Any], options: dict[str, Any], leading: int,
-                           sample: tuple[Any, ...]) -> None:
+                           sample: tuple[Any, ...], context: dict[str, Any] | None = None) -> None:
     """Fail before training on options ``fn`` does not take or values it rejects.
 
     Args:
@@ -123,22 +145,29 @@ def _check_function_options(where: str, fn: Callable[..., Any], options: dict[st
         leading: the positional tensor arguments before the options.
         sample: arguments to call ``fn`` with once, so that a value it refuses
             (``ValueError``) surfaces when the pipeline is built.
+        context: keyword arguments the stage itself passes (not options a user may set).
 
     Raises:
         PolmError: naming ``where``, the option and the valid ones.
     """
+    context = context or {}
+    for name in options:
+        if name in context:
+            raise PolmError(f"{where}: '{name}' is set by the stage (its own option of that meaning), not by "
+                            f"objective_options")
     try:
         parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         parameters = []
     if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters):
-        valid = [p.name for p in parameters[leading:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        valid = [p.name for p in parameters[leading:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and p.name not in context]
         for name in options:
             if name not in valid:
                 raise PolmError(f"{where}: unknown option '{name}'.{did_you_mean(name, valid)} "
                                 f"Valid options: {', '.join(valid) or 'none'}")
     try:
-        result = fn(*sample, **options)
+        result = fn(*sample, **context, **options)
     except (ValueError, TypeError) as error:
         raise PolmError(f"{where}: {error}") from None
     if not (isinstance(result, tuple) and len(result) == 2 and torch.is_tensor(result[0])
@@ -147,8 +176,11 @@ def _check_function_options(where: str, fn: Callable[..., Any], options: dict[st
 
 
 def _sample_arguments(objective: Objective) -> tuple[Any, ...]:
-    """Tiny inputs of the objective's family: (1,) zero log-probs, or one labelled token of a 2-word vocabulary."""
+    """Tiny inputs of the objective's family: (1,) zero log-probs, one labelled token of a 2-word vocabulary,
+    or one sampled token."""
     zeros = torch.zeros(1)
+    if objective.family == POLICY_GRADIENT:
+        return torch.zeros(1, 1), torch.zeros(1, 1), zeros, torch.ones(1, 1)  # (N, C), (N, C), (N,), (N, C)
     if objective.family == LANGUAGE_MODELLING:
         return torch.zeros(1, 2, 2), torch.tensor([[IGNORE_INDEX, 1]])  # (B, T, V), (B, T)
     if objective.family == UNPAIRED:
@@ -165,5 +197,6 @@ def check_objective_options(objective: Objective, options: dict[str, Any]) -> No
     Raises:
         PolmError: naming the objective, the option and the valid ones.
     """
+    context = POLICY_CONTEXT if objective.family == POLICY_GRADIENT else None
     _check_function_options(f"objective '{objective.name}'", objective.fn, options, FAMILIES[objective.family],
-                           _sample_arguments(objective))
+                           _sample_arguments(objective), context)

@@ -1,15 +1,18 @@
 """The Accelerate training loop every training stage shares.
 
 A stage gives the loop one of two tasks. A :class:`TrainingTask` has rows, a
-``collate`` that turns a list of rows into a batch, and a
-``compute_loss(model, batch) -> (loss, metrics)``. An :class:`OnPolicyTask`
-(GRPO, PPO, online DPO) has prompt rows, a ``collect(model, rows) ->
+``collate`` that turns a list of rows into a batch, a
+``compute_loss(model, batch) -> (loss, metrics)`` and a ``weigh(batch)`` of
+what that loss is a mean over (label tokens, rows). An :class:`OnPolicyTask`
+(GRPO, PPO, online DPO, RFT) has prompt rows, a ``collect(model, rows) ->
 RolloutBuffer`` that samples and scores without gradients, and a
 ``loss(model, micro_batch) -> (loss, metrics, tokens)``; the loop collects a
-generation batch, makes the buffer's updates one optimizer step each, and
-normalises each update's loss over the whole accumulation window (see
-:mod:`polm.engine.rl.on_policy`). The loop does the rest: data order, gradient
-accumulation, clipping, the LR schedule, mixed precision where the device
+generation batch and makes the buffer's updates one optimizer step each.
+Either way each optimizer step's loss is normalised over the whole step, every
+micro-batch on every process, by those weights (see
+:mod:`polm.engine.rl.on_policy`), so ``grad_accum`` and the process count change
+the memory a step needs, not its gradient. The loop does the rest: data order,
+gradient accumulation, clipping, the LR schedule, mixed precision where the device
 supports it, periodic evaluation, progress, ``metrics.jsonl``, trackers,
 checkpoints and exact resume.
 
@@ -59,7 +62,7 @@ from polm.engine.checkpoint import (
 from polm.engine.data import Row
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
-from polm.engine.rl.on_policy import Collect, MicroBatchLoss, OnPolicySteps
+from polm.engine.rl.on_policy import Collect, MicroBatchLoss, OnPolicySteps, normalising_shares
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.tuning import tuning_method
 
@@ -95,12 +98,18 @@ class TrainingTask(Task):
 
     Attributes:
         collate: ``list of items -> batch``.
-        compute_loss: ``(model, batch) -> (scalar loss, metrics)``; the loop divides it by ``grad_accum``.
+        compute_loss: ``(model, batch) -> (scalar loss, metrics)``: a mean over what ``weigh`` counts.
+        weigh: ``batch -> float``, what the batch's loss is a mean over (its label tokens, for a token mean);
+            by default its rows. The loop scales each micro-batch's loss by its share of the weight of the
+            whole optimizer step, all micro-batches on all processes (:func:`normalising_shares`), so that the
+            step's gradient is that of one mean over all of it: batch 8 and batch 4 x ``grad_accum`` 2 (or 2
+            processes x 4) give the same update.
         count_tokens: tokens in a batch for tokens/s; defaults to the attention mask's sum.
     """
 
     collate: Callable[[list[Any]], Batch]
     compute_loss: LossFn
+    weigh: Callable[[Batch], float] | None = None
     count_tokens: Callable[[Batch], int] | None = None
 
 
@@ -123,29 +132,36 @@ class OnPolicyTask(Task):
     loss: MicroBatchLoss
 
 
-class _SupervisedSteps:
-    """A :class:`TrainingTask`'s micro-batches: each one collated from its rows, its loss divided by ``grad_accum``.
+class SupervisedSteps:
+    """A :class:`TrainingTask`'s micro-batches: each one collated from its rows, its loss scaled by its share of
+    the step's weight (see :attr:`TrainingTask.weigh`).
 
     It answers the loop as :class:`~polm.engine.rl.on_policy.OnPolicySteps` does: ``prepare`` with the rows of a
     step's micro-batches, ``loss`` of each micro-batch, and ``state`` / ``load_state`` for checkpoints (none here).
     """
 
-    def __init__(self, task: TrainingTask, grad_accum: int, device: torch.device) -> None:
+    def __init__(self, task: TrainingTask, accelerator: Accelerator) -> None:
         self.task = task
-        self.grad_accum = grad_accum
-        self.device = device
+        self.accelerator = accelerator
         self.count_tokens = task.count_tokens or (lambda batch: int(batch["attention_mask"].sum()))
-        self.micro_batch_rows: list[list[Row]] = []
+        self.batches: list[Batch] = []
+        self.shares: list[float] = []
 
     def prepare(self, model: torch.nn.Module, micro_batch_rows: list[list[Row]]) -> dict[str, float]:
-        self.micro_batch_rows = micro_batch_rows
+        """Collate the step's micro-batches and weigh them (all before the first backward pass needs its share)."""
+        device = self.accelerator.device
+        self.batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.task.collate(rows).items()}
+                        for rows in micro_batch_rows]
+        weigh = self.task.weigh
+        weights = [float(weigh(batch)) if weigh else float(len(rows))
+                   for batch, rows in zip(self.batches, micro_batch_rows)]
+        self.shares = normalising_shares(weights, self.accelerator)
         return {}
 
     def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
-        batch = self.task.collate(self.micro_batch_rows[micro])
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self.batches[micro]
         loss, metrics = self.task.compute_loss(model, batch)
-        return loss / self.grad_accum, loss, metrics, self.count_tokens(batch)
+        return loss * self.shares[micro], loss, metrics, self.count_tokens(batch)
 
     def state(self) -> None:
         return None
@@ -259,10 +275,10 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     tuning = tuning_method(options)
     metrics_path = stage_dir / METRICS_FILE
     if isinstance(task, OnPolicyTask):
-        source: _SupervisedSteps | OnPolicySteps = OnPolicySteps(task.collect, task.loss, options.grad_accum,
+        source: SupervisedSteps | OnPolicySteps = OnPolicySteps(task.collect, task.loss, options.grad_accum,
                                                                  accelerator)
     else:
-        source = _SupervisedSteps(task, options.grad_accum, accelerator.device)
+        source = SupervisedSteps(task, accelerator)
 
     start = 0
     checkpoint = latest_checkpoint(stage_dir) if context.resume else None

@@ -31,6 +31,20 @@ Collect = Callable[[torch.nn.Module, list[Row]], RolloutBuffer]
 MicroBatchLoss = Callable[[torch.nn.Module, MicroBatch], "tuple[torch.Tensor, dict[str, float], int]"]
 
 
+def normalising_shares(weights: list[float], accelerator: Accelerator) -> list[float]:
+    """Each micro-batch's loss scale ``w_m * P / W`` for the weights ``w_m`` of one optimizer step's micro-batches
+    on this process (0 for all when the step has no weight, e.g. no sample left).
+
+    ``W`` sums the weights of every micro-batch of the step on all ``P`` processes (an all-reduce, so every
+    process must call this at every step). With one micro-batch on one process the share is exactly 1.
+    """
+    processes = accelerator.num_processes
+    total = sum(weights)
+    if processes > 1:
+        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+    return [weight * processes / total if total else 0.0 for weight in weights]
+
+
 class OnPolicySteps:
     """The rollout buffer of a run and where in its updates the run is.
 
@@ -67,12 +81,7 @@ class OnPolicySteps:
         return collected
 
     def _shares(self, weights: list[float]) -> list[float]:
-        """Each micro-batch's loss scale ``w_m * P / W`` (0 when the update has no weight, e.g. no sample left)."""
-        processes = self.accelerator.num_processes
-        total = sum(weights)
-        if processes > 1:
-            total = float(self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "sum"))
-        return [weight * processes / total if total else 0.0 for weight in weights]
+        return normalising_shares(weights, self.accelerator)
 
     def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
         """Micro-batch ``micro`` of the current update: ``(loss to backward, loss as logged, metrics, tokens)``."""

@@ -1,10 +1,13 @@
-"""The reasoning paradigm: rewards on answers, form and steps; the ``grpo`` and ``prm`` stages; and the
-inference-time scaling methods ``self_consistency``, ``best_of_n`` and ``self_refine``."""
+"""The reasoning paradigm: rewards on answers, form and steps; the ``grpo`` and ``prm`` stages; the
+``policy_gradient`` objectives ``grpo``, ``dr_grpo`` and ``dapo`` (also ``ppo``'s); and the inference-time
+scaling methods ``self_consistency``, ``best_of_n`` and ``self_refine``."""
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
+from polm.engine.objectives import POLICY_GRADIENT
 from polm.plugins.reasoning.grpo import GRPOStage
+from polm.plugins.reasoning.grpo.objectives import dapo_objective, dr_grpo_objective, grpo_objective
 from polm.plugins.reasoning.prm import PRMStage, prm_reward
 from polm.plugins.reasoning.rewards import accuracy_reward, format_reward, length_reward, repetition_reward
 from polm.plugins.reasoning.scaling import best_of_n, self_consistency, self_refine
@@ -12,8 +15,18 @@ from polm.plugins.reasoning.scaling import best_of_n, self_consistency, self_ref
 
 @hookimpl
 def polm_register_stages(register: Register) -> None:
-    register("grpo", GRPOStage, description="group relative policy optimisation (grpo, dr_grpo, dapo; rloo advantages)")
+    register("grpo", GRPOStage, description="group relative policy optimisation (objectives grpo, dr_grpo, dapo; rloo advantages)")
     register("prm", PRMStage, description="process reward model: a right/wrong score per solution step")
+
+
+@hookimpl
+def polm_register_objectives(register: Register) -> None:
+    register("grpo", grpo_objective, family=POLICY_GRADIENT,
+             description="clipped surrogate, mean over each completion's tokens then over completions")
+    register("dapo", dapo_objective, family=POLICY_GRADIENT, token_level=True,
+             description="clipped surrogate, mean over every completion token (PPO's reduction; clip-higher)")
+    register("dr_grpo", dr_grpo_objective, family=POLICY_GRADIENT,
+             description="clipped surrogate, token sum over N * max_new_tokens (no length normalisation)")
 
 
 @hookimpl

@@ -14,9 +14,10 @@ score differences within a prompt, so its scores carry an arbitrary offset per
 prompt, which the value head would otherwise have to learn before the
 advantages say which sample of a prompt was better. The rollout
 is then replayed for ``ppo_epochs`` epochs of ``minibatches`` minibatches, one
-optimizer step each, with the engine's clipped policy loss
-(:func:`polm.engine.rl.losses.clipped_policy_loss`) and the clipped value
-loss of :mod:`polm.plugins.alignment.ppo.loss`.
+optimizer step each, with the policy loss of the ``objective`` (a token-level
+``policy_gradient`` objective; by default ``dapo``, the engine's clipped
+surrogate :func:`polm.engine.rl.losses.clipped_policy_loss` averaged over
+tokens) and the clipped value loss of :mod:`polm.plugins.alignment.ppo.loss`.
 
 The stage is an :class:`~polm.engine.trainer.OnPolicyTask`, and the training
 loop's steps are those minibatch updates: a step collects a new rollout from
@@ -47,11 +48,12 @@ from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 
 from polm.engine.data import Row, load_rows
+from polm.engine.errors import PolmError
+from polm.engine.objectives import POLICY_GRADIENT, Objective
 from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
 from polm.engine.rl.advantages import gae, rloo_advantages, whiten
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
-from polm.engine.rl.losses import clipped_policy_loss
 from polm.engine.rl.reference import ReferenceModel
 from polm.engine.rl.rollout import Rollout, completion_token_logps, in_chunks, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -70,6 +72,10 @@ class PPOOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout", "min": 1})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a rollout", "min": 1})
     clip_range: float = field(default=0.2, metadata={"help": "PPO's epsilon for the policy ratio", "above": 0})
+    objective: str = field(default="dapo", metadata={
+        "help": "a registered token-level policy_gradient objective: dapo (the clipped surrogate's token mean, "
+                "PPO's own reduction) or a plugin's"})
+    objective_options: dict = field(default_factory=dict, metadata={"help": "the objective's keyword options"})
     value_clip_range: float = field(default=0.2, metadata={
         "help": "how far a value may move from its rollout estimate", "above": 0})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss", "min": 0})
@@ -106,6 +112,7 @@ class PPOStep:
     rewards: RewardSource
     reference: ReferenceModel
     value_head: ValueHead
+    objective: Objective
 
     def forward(self, policy: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C) log-probs of the sampled tokens and (N, C) values before each, from one forward pass."""
@@ -156,9 +163,10 @@ class PPOStep:
         logps, values = self.forward(policy, rollout)
         device = logps.device
         mask = rollout.completion_mask.to(device).float()
-        policy_loss, policy_metrics = clipped_policy_loss(  # "dapo" reduces by the token mean, as PPO does
-            logps, batch["old_logps"].to(device), batch["advantages"].to(device), mask,
-            epsilon_low=self.options.clip_range, epsilon_high=self.options.clip_range, loss_type="dapo")
+        policy_loss, policy_metrics = self.objective.fn(  # the KL penalty is in the rewards: no KL term here
+            logps, batch["old_logps"].to(device), batch["advantages"].to(device), mask, ref_logps=None, beta=0.0,
+            epsilon_low=self.options.clip_range, epsilon_high=self.options.clip_range,
+            max_completion_length=self.options.max_new_tokens, **self.options.objective_options)
         value_loss, value_metrics = ppo_value_loss(values, batch["old_values"].to(device),
                                                    batch["returns"].to(device), mask, self.options.value_clip_range)
         metrics = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
@@ -171,6 +179,15 @@ class PPOStage(Stage):
 
     Options = PPOOptions
     headline_metric = "reward"
+    objective_family = POLICY_GRADIENT
+
+    def check(self) -> None:
+        """The policy objective must be token-level: the value loss is a token mean, so the buffer weighs each
+        completion by its tokens, and the update is normalised over every token of the accumulation window."""
+        super().check()
+        if not self.objective().token_level:
+            raise PolmError(f"ppo's objective must be token-level (a mean over completion tokens, as its value "
+                            f"loss is): '{self.options.objective}' is not; use dapo or a token_level plugin objective")
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Greedy ``exact_match`` on held-out rows with answers, and the mean ``reward`` of greedy completions."""
@@ -183,7 +200,7 @@ class PPOStage(Stage):
     def run(self, context: StageContext) -> StageOutput:
         model, tokenizer, options = context.model, context.tokenizer, self.options
         value_head = ValueHead(hidden_size(model)).to(PartialState().device)
-        step = PPOStep(options, tokenizer, RewardSource(options), ReferenceModel(model), value_head)
+        step = PPOStep(options, tokenizer, RewardSource(options), ReferenceModel(model), value_head, self.objective())
         task = OnPolicyTask(
             rows=load_rows(options.data, "train"),
             collect=step.collect,

@@ -8,7 +8,7 @@ from typing import Any
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from polm.engine.errors import PolmError
-from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage
+from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage, label_tokens
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask, train
 from polm.plugins.finetuning.sft.packing import collate_packed, concatenate, pack
@@ -61,6 +61,7 @@ class SFTStage(LanguageModellingStage):
             rows=rows,
             collate=collate,
             compute_loss=self.loss(),
+            weigh=label_tokens,
             evaluate=lambda model: self.evaluate(model, tokenizer),
             count_tokens=lambda batch: int(batch["num_tokens"]),
         )

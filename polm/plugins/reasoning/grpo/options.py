@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
-from polm.engine.rl.losses import LOSS_TYPES
 
 ADVANTAGES = ("group", "rloo")  # polm.engine.rl.advantages: group_advantages, rloo_advantages
 DAPO_EPSILON_HIGH = 0.28  # DAPO's clip-higher upper bound (arXiv:2503.14476, section 3.1)
@@ -15,17 +14,19 @@ DAPO_EPSILON_HIGH = 0.28  # DAPO's clip-higher upper bound (arXiv:2503.14476, se
 @dataclass
 class GRPOOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
     """Options of ``grpo``; ``data`` holds prompts with the fields the rewards need, e.g. ``{prompt, answer}``.
-    ``loss_type`` picks a variant; ``epsilon_high`` and ``dynamic_sampling`` default to what that variant
-    prescribes and may be set explicitly."""
+    ``objective`` picks the policy loss; ``epsilon_high`` and ``dynamic_sampling`` default to what DAPO
+    prescribes when it is ``dapo`` and may be set explicitly."""
 
     batch_size: int = field(default=8, metadata={
         "help": "prompts per micro-batch; each is sampled num_generations times"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     num_generations: int = field(default=8, metadata={
         "help": "completions sampled per prompt (the group size G; at least 2, to compare them)", "min": 2})
-    loss_type: str = field(default="grpo", metadata={
-        "help": "grpo (per-completion mean), dr_grpo (no std or length normalisation), "
-                "dapo (token-level mean, clip-higher, dynamic sampling)", "choices": LOSS_TYPES})
+    objective: str = field(default="grpo", metadata={
+        "help": "a registered policy_gradient objective: grpo (per-completion mean), dr_grpo (no std or length "
+                "normalisation), dapo (token-level mean, clip-higher, dynamic sampling) or a plugin's",
+        "aliases": ("loss_type",)})  # TRL's name for the same choice
+    objective_options: dict = field(default_factory=dict, metadata={"help": "the objective's keyword options"})
     advantage: str = field(default="group", metadata={
         "help": "group (reward minus group mean, over the group std except for dr_grpo) or rloo (leave-one-out)",
         "choices": ADVANTAGES})
@@ -45,6 +46,6 @@ class GRPOOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.epsilon_high is None:
-            self.epsilon_high = DAPO_EPSILON_HIGH if self.loss_type == "dapo" else self.epsilon
+            self.epsilon_high = DAPO_EPSILON_HIGH if self.objective == "dapo" else self.epsilon
         if self.dynamic_sampling is None:
-            self.dynamic_sampling = self.loss_type == "dapo"
+            self.dynamic_sampling = self.objective == "dapo"

@@ -10,11 +10,13 @@ group and computes the log-probs the updates compare against; the loop then
 makes ``num_iterations`` optimizer steps from that rollout buffer, each a
 clipped policy update against the sampling policy (see
 :mod:`polm.engine.rl.advantages` and :mod:`polm.engine.rl.losses` for the
-objectives and papers). The steps that reuse a buffered rollout leave their
-own prompts unused. Each update's loss is normalised over the completions
-(``grpo``, ``dr_grpo``) or completion tokens (``dapo``) of all its
-micro-batches, so ``grad_accum`` changes the memory an update needs, not its
-gradient (:mod:`polm.engine.rl.on_policy`).
+objectives and papers). The policy loss is the ``objective`` of the
+``policy_gradient`` family (:mod:`polm.engine.objectives`). The steps that
+reuse a buffered rollout leave their own prompts unused. Each update's loss
+is normalised over the completions (``grpo``, ``dr_grpo``) or completion
+tokens (``dapo``: a ``token_level`` objective) of all its micro-batches, so
+``grad_accum`` changes the memory an update needs, not its gradient
+(:mod:`polm.engine.rl.on_policy`).
 
 Resume: checkpoints hold the rollout buffer with the updates made from it, so
 a run resumed between two updates of a generation batch repeats the
@@ -42,10 +44,10 @@ from accelerate.utils import extract_model_from_parallel
 from polm.engine.data import Row, load_rows
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
+from polm.engine.objectives import POLICY_GRADIENT, Objective
 from polm.engine.rewards import parse_reward_weights, score_weighted
 from polm.engine.rl.advantages import group_advantages, informative_groups, rloo_advantages
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
-from polm.engine.rl.losses import clipped_policy_loss
 from polm.engine.rl.reference import ReferenceModel
 from polm.engine.rl.rollout import completion_token_logps, in_chunks, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -71,6 +73,7 @@ class GRPOStep:
     tokenizer: Any
     weights: dict[str, float]
     reference: ReferenceModel | None
+    objective: Objective
 
     def collect(self, policy: torch.nn.Module, rows: list[Row]) -> RolloutBuffer:
         """Sample, score and compute advantages for the prompts of ``rows``; the buffer's ``num_iterations``
@@ -86,7 +89,7 @@ class GRPOStep:
         if options.advantage == "rloo":
             advantages = rloo_advantages(rewards)
         else:
-            advantages = group_advantages(rewards, scale=options.loss_type != "dr_grpo")
+            advantages = group_advantages(rewards, scale=options.objective != "dr_grpo")  # Dr. GRPO: no std
         metrics = {"reward": _mean(total), "reward_std": float(rewards.std(-1).mean()),
                    "completion_length": float(rollout.completion_lengths.float().mean()),
                    "sampling_tokens_per_s": rollout.tokens_per_second,
@@ -106,14 +109,15 @@ class GRPOStep:
         if options.num_iterations > 1:
             fields["old_logps"] = in_chunks(
                 lambda part: completion_token_logps(policy, part, options.temperature)[0], rollout, chunk)
-        # dapo averages over every completion token of an update, grpo and dr_grpo over its completions
-        weights = (rollout.completion_lengths.float() if options.loss_type == "dapo"
+        # a token-level objective (dapo) averages over every completion token of an update, the others over
+        # its completions
+        weights = (rollout.completion_lengths.float() if self.objective.token_level
                    else torch.ones(len(rollout.texts)))
         every = list(range(len(rollout.texts)))
         return RolloutBuffer(fields, weights, [every] * options.num_iterations, metrics)
 
     def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
-        """The clipped policy loss of ``batch``, reduced over its own completions as ``loss_type`` says."""
+        """The objective's policy loss of ``batch``, reduced over its own completions."""
         if not batch.size:  # dynamic sampling kept no group here
             return torch.zeros((), requires_grad=True), {}, 0
         rollout = batch["rollout"]
@@ -123,11 +127,11 @@ class GRPOStep:
         old_logps = logps.detach() if old_logps is None else old_logps.to(device)
         ref_logps = batch.get("ref_logps")
         mask = rollout.completion_mask.to(device)
-        loss, loss_metrics = clipped_policy_loss(
+        loss, loss_metrics = self.objective.fn(
             logps, old_logps, batch["advantages"].to(device), mask,
+            ref_logps=None if ref_logps is None else ref_logps.to(device), beta=self.options.beta,
             epsilon_low=self.options.epsilon, epsilon_high=self.options.epsilon_high,
-            loss_type=self.options.loss_type, ref_logps=None if ref_logps is None else ref_logps.to(device),
-            beta=self.options.beta, max_completion_length=self.options.max_new_tokens,
+            max_completion_length=self.options.max_new_tokens, **self.options.objective_options,
         )
         metrics = {key: float(value) for key, value in loss_metrics.items()}
         metrics["entropy"] = float(entropy.detach().sum() / mask.sum().clamp(min=1))
@@ -138,6 +142,7 @@ class GRPOStage(Stage):
     """Sample groups of completions, reward them, push the policy toward the better ones of each group."""
 
     Options = GRPOOptions
+    objective_family = POLICY_GRADIENT
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out greedy ``reward`` (weighted) and ``reward/<name>``, and ``exact_match`` on rows with answers."""
@@ -156,7 +161,8 @@ class GRPOStage(Stage):
         if not rows:
             raise PolmError(f"stage '{self.name}': option 'data' has no rows with a 'prompt' to sample from")
         reference = ReferenceModel(context.model) if self.options.beta > 0 else None
-        step = GRPOStep(self.options, context.tokenizer, parse_reward_weights(self.options.rewards), reference)
+        step = GRPOStep(self.options, context.tokenizer, parse_reward_weights(self.options.rewards), reference,
+                        self.objective())
         task = OnPolicyTask(
             rows=rows,
             collect=step.collect,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from polm.engine.data import Row, load_rows
-from polm.engine.encoding import keep_rows_that_fit, pad_batch, truncate
+from polm.engine.encoding import IGNORE_INDEX, keep_rows_that_fit, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
@@ -150,6 +150,7 @@ class PRMStage(Stage):
             rows=self.examples(tokenizer, load_rows(self.options.data, "train"), "data"),
             collate=collate,
             compute_loss=compute_loss,
+            weigh=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),  # both heads: a mean over steps
             evaluate=lambda model: self.evaluate(model, tokenizer),
         )
         return train(self.name, replace(context, model=model), self.options, task)
