@@ -58,7 +58,7 @@ def _gradients(steps: OnPolicySteps, model: torch.nn.Module, parameters: list[to
         parameter.grad = None
     steps.prepare(model, [rows])
     for micro in range(steps.grad_accum):
-        scaled, _, _, _ = steps.loss(model, micro)
+        scaled, _, _ = steps.loss(model, micro)
         scaled.backward()
     return [parameter.grad.clone() for parameter in parameters]
 

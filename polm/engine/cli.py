@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from polm.engine.commands import Command
+from polm.engine.distributed import process_state
 from polm.engine.errors import PolmError
 from polm.engine.log import get_logger
 from polm.engine.plugins import plugins_report, registry
@@ -82,6 +83,8 @@ def _run(arguments: argparse.Namespace) -> int:
 
 
 def _print_result(result: Any, pipeline: Any, title: str = "polm run") -> None:
+    if not process_state().is_main_process:  # one table per run, not one per process
+        return
     table = Table(title=title)
     for column in ("stage", "metric", "before", "after", "checkpoint"):
         table.add_column(column)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from polm.engine.checkpoint import atomic_directory, save_model
+from polm.engine.distributed import on_main_process, process_state
 from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
 from polm.engine.options import parse_options
@@ -159,10 +159,8 @@ class Pipeline:
         if not self.stages:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
-        processes = PartialState()  # one per device under `accelerate launch`; only the main one writes
-        if processes.is_main_process:
-            self._claim(output_dir, resume)
-        processes.wait_for_everyone()
+        processes = process_state()  # one per device under `accelerate launch`; only the main one writes
+        on_main_process(lambda: self._claim(output_dir, resume), processes)
         stop = stop or threading.Event()
         model, tokenizer = load_model(self.model_spec, self.tokenizer)
         result = RunResult(output_dir)

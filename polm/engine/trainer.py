@@ -60,6 +60,7 @@ from polm.engine.checkpoint import (
     save_training_state,
 )
 from polm.engine.data import Row
+from polm.engine.distributed import cpu_launch
 from polm.engine.errors import PolmError
 from polm.engine.options import StageOptions
 from polm.engine.rl.on_policy import Collect, MicroBatchLoss, OnPolicySteps, normalising_shares
@@ -158,10 +159,11 @@ class SupervisedSteps:
         self.shares = normalising_shares(weights, self.accelerator)
         return {}
 
-    def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
+    def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Micro-batch ``micro`` of the step: ``(its loss scaled by its share, metrics, tokens)``."""
         batch = self.batches[micro]
         loss, metrics = self.task.compute_loss(model, batch)
-        return loss * self.shares[micro], loss, metrics, self.count_tokens(batch)
+        return loss * self.shares[micro], metrics, self.count_tokens(batch)
 
     def state(self) -> None:
         return None
@@ -186,7 +188,7 @@ def make_accelerator(mixed_precision: str, project_dir: Path) -> Accelerator:
     if state and state.get("_mixed_precision", precision) != precision:
         AcceleratorState._reset_state()  # the state is a process-wide singleton
     log_with = ["tensorboard"] if is_tensorboard_available() else None
-    return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(project_dir))
+    return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(project_dir), cpu=cpu_launch())
 
 
 def optimizer_groups(parameters: Sequence[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -227,6 +229,21 @@ class _RowOrder:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.n_rows, generator=generator)
         return self._order[position * self.size : (position + 1) * self.size].tolist()
+
+
+def _across_processes(accelerator: Accelerator, window: dict[str, list[float]], tokens: int,
+                      elapsed: float) -> tuple[dict[str, float], float]:
+    """The window's metrics averaged over every value of every process, and the tokens per second of all
+    processes together: what ``metrics.jsonl`` logs (each process holds only its own shard's values)."""
+    own = {key: (sum(values), len(values)) for key, values in window.items()}
+    shards = gather_object([(own, tokens)]) if accelerator.num_processes > 1 else [(own, tokens)]
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for values, _ in shards:
+        for key, (total, count) in values.items():
+            sums[key][0] += total
+            sums[key][1] += count
+    speed = sum(count for _, count in shards) / elapsed if elapsed > 0 else 0.0
+    return {key: total / count for key, (total, count) in sums.items()}, speed
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -343,15 +360,17 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     collected = source.prepare(model, micro_batch_rows)
                 for key, value in collected.items():
                     window[key].append(float(value))
+                step_loss = 0.0  # this process's part of the step's normalised loss (averaged over processes: the loss)
                 for micro in range(options.grad_accum):
                     sync = nullcontext() if micro == options.grad_accum - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        scaled_loss, loss, metrics, tokens = source.loss(model, micro)
+                        scaled_loss, metrics, tokens = source.loss(model, micro)
                         accelerator.backward(scaled_loss)
-                    window["loss"].append(float(loss.detach()))
+                    step_loss += float(scaled_loss.detach())
                     for key, value in metrics.items():
                         window[key].append(float(value))
-                    window_tokens += tokens * accelerator.num_processes
+                    window_tokens += tokens
+                window["loss"].append(step_loss)
                 if accelerator.num_processes > 1:
                     for parameter in task.extra_parameters:
                         if parameter.grad is not None:
@@ -366,11 +385,11 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                 step += 1
 
                 elapsed = time.perf_counter() - window_start
-                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                speed = window_tokens * accelerator.num_processes / elapsed if elapsed > 0 else 0.0  # estimate
                 progress.update(bar, advance=1, loss=f"{sum(window['loss']) / len(window['loss']):.4f}",
                                 speed=f"{speed:,.0f}")
                 if step % options.log_every == 0 or step == steps:
-                    last_metrics = {key: sum(values) / len(values) for key, values in window.items()}
+                    last_metrics, speed = _across_processes(accelerator, window, window_tokens, elapsed)
                     log({"step": step, "epoch": step * options.grad_accum / order.per_epoch,
                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": speed, **last_metrics})
                     window.clear()
@@ -388,6 +407,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                 save_checkpoint(step)  # Ctrl-C keeps the work done; --resume continues from here
             raise
     final = {} if interrupted else run_eval(step)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next stage needs
+        tracker.finish()
     model = accelerator.unwrap_model(model)
     return StageOutput(model=model, metrics={**last_metrics, **final}, interrupted=interrupted)

@@ -29,7 +29,7 @@ from polm.engine.rl.advantages import (
 )
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.logps import completion_logps, sequence_logps
-from polm.engine.rl.losses import LOSS_TYPES, aggregate, clipped_policy_loss, k3_kl
+from polm.engine.rl.losses import LOSS_TYPES, aggregate, clipped_policy_loss, k3_kl, zero_loss
 from polm.engine.rl.reference import ReferenceModel, eval_mode
 from polm.engine.rl.rollout import Rollout, completion_token_logps, in_chunks, sample, stop_token_ids
 
@@ -55,4 +55,5 @@ __all__ = [
     "sequence_logps",
     "stop_token_ids",
     "whiten",
+    "zero_loss",
 ]

@@ -124,3 +124,15 @@ def clipped_policy_loss(
     elif beta:
         raise ValueError("beta > 0 needs ref_logps")
     return aggregate(per_token, mask, loss_type, max_completion_length), metrics
+
+
+def zero_loss(policy: torch.nn.Module) -> torch.Tensor:
+    """A loss of 0 from a forward pass of ``policy`` on one token, for a micro-batch with nothing to learn from
+    (DAPO's dynamic sampling dropped its groups, no sample was accepted, every pair tied).
+
+    Its gradient is 0, but it takes part in the forward and backward passes: under DDP every process must,
+    because the forward pass syncs buffers and the gradient all-reduce waits for every parameter on every
+    process, so a process that skipped them would leave the others waiting for ever.
+    """
+    device = next(policy.parameters()).device
+    return policy(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device)).logits.sum() * 0.0

@@ -83,10 +83,11 @@ class OnPolicySteps:
     def _shares(self, weights: list[float]) -> list[float]:
         return normalising_shares(weights, self.accelerator)
 
-    def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], int]:
-        """Micro-batch ``micro`` of the current update: ``(loss to backward, loss as logged, metrics, tokens)``."""
+    def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Micro-batch ``micro`` of the current update: ``(its loss scaled by its share, metrics, tokens)``; the
+        scaled losses of an update's micro-batches on all processes sum (over processes, averaged) to its loss."""
         loss, metrics, tokens = self.micro_batch_loss(model, self.micro_batches[micro])
-        return loss * self.shares[micro], loss, metrics, tokens
+        return loss * self.shares[micro], metrics, tokens
 
     def state(self) -> dict[str, Any] | None:
         """The buffer, for a checkpoint, while it has updates left (a used-up one is collected again anyway)."""

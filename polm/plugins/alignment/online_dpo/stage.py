@@ -34,6 +34,7 @@ from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOption
 from polm.engine.options import StageOptions
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
 from polm.engine.rl.logps import sequence_logps
+from polm.engine.rl.losses import zero_loss
 from polm.engine.rl.reference import ReferenceModel
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import OnPolicyTask, train
@@ -97,8 +98,7 @@ class OnlineDPOStep:
     def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
         """The objective's loss on the pairs of ``batch``, a mean over them."""
         if not batch.size:  # every pair tied: a step that changes nothing
-            trainable = next(p for p in policy.parameters() if p.requires_grad)
-            return trainable.sum() * 0.0, {}, 0
+            return zero_loss(policy), {}, 0
         device = next(policy.parameters()).device
         pairs = {key: value.to(device) for key, value in
                  collate_pairs(batch["pairs"], self.tokenizer.pad_token_id).items()}

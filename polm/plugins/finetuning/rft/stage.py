@@ -39,6 +39,7 @@ from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOption
 from polm.engine.options import StageOptions
 from polm.engine.rewards import score_weighted
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
+from polm.engine.rl.losses import zero_loss
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.engine.trainer import OnPolicyTask, train
 
@@ -114,7 +115,7 @@ class RFTStep:
     def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
         """The objective's mean over the label tokens of ``batch``'s accepted samples."""
         if not batch.size:  # nothing accepted here: no gradient, but the other micro-batches still step
-            return torch.zeros((), requires_grad=True), {}, 0
+            return zero_loss(policy), {}, 0
         padded = pad_batch(batch["examples"], self.tokenizer.pad_token_id)
         device = next(policy.parameters()).device
         padded = {key: value.to(device) if torch.is_tensor(value) else value for key, value in padded.items()}

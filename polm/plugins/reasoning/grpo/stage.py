@@ -48,6 +48,7 @@ from polm.engine.objectives import POLICY_GRADIENT, Objective
 from polm.engine.rewards import parse_reward_weights, score_weighted
 from polm.engine.rl.advantages import group_advantages, informative_groups, rloo_advantages
 from polm.engine.rl.buffer import MicroBatch, RolloutBuffer
+from polm.engine.rl.losses import zero_loss
 from polm.engine.rl.reference import ReferenceModel
 from polm.engine.rl.rollout import completion_token_logps, in_chunks, sample
 from polm.engine.stage import Stage, StageContext, StageOutput
@@ -119,7 +120,7 @@ class GRPOStep:
     def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
         """The objective's policy loss of ``batch``, reduced over its own completions."""
         if not batch.size:  # dynamic sampling kept no group here
-            return torch.zeros((), requires_grad=True), {}, 0
+            return zero_loss(policy), {}, 0
         rollout = batch["rollout"]
         logps, entropy = completion_token_logps(policy, rollout, self.options.temperature, with_entropy=True)
         device = logps.device

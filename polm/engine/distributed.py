@@ -1,0 +1,55 @@
+"""The processes of a run: which launch this is, and the one process group every stage shares.
+
+Under ``accelerate launch`` or ``torchrun`` each process runs the whole pipeline on its shard of every
+batch; the main process alone writes. On a machine without CUDA, accelerate forms a process group (gloo)
+only when asked for the CPU explicitly, so :func:`process_state` and the training loop's Accelerator ask
+for it whenever several processes were launched there: ``torchrun --nproc_per_node 2 -m polm.engine.cli run
+recipe.yaml`` then trains data-parallel on 2 CPU processes (what the tests do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from polm.engine.errors import PolmError
+
+T = TypeVar("T")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 for a plain ``python`` / ``polm`` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_launch() -> bool:
+    """Several processes launched where there is no CUDA device: they train on the CPU, joined by gloo."""
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """The run's process state (one per launched process, shared by every stage's Accelerator)."""
+    return PartialState(cpu=cpu_launch())
+
+
+def on_main_process(action: Callable[[], T], processes: PartialState) -> T:
+    """Run ``action`` on the main process only and hand its result, or its :class:`PolmError`, to every
+    process, so that a refusal (a non-empty output folder, a bad recipe) stops them all instead of leaving
+    the others waiting at the next barrier."""
+    outcome: list[object] = [None]
+    if processes.is_main_process:
+        try:
+            outcome = [("value", action())]
+        except PolmError as error:
+            outcome = [("error", str(error))]
+    if processes.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]  # type: ignore[misc]
+    if kind == "error":
+        raise PolmError(value)
+    return value  # type: ignore[return-value]
