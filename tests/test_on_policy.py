@@ -198,3 +198,68 @@ def test_a_run_killed_between_two_updates_of_a_generation_batch_resumes_exactly(
         return [(record["step"], record["loss"]) for record in map(json.loads, lines) if "loss" in record]
 
     assert losses("split") == losses("whole")
+
+
+class _ReinforcePlugin:
+    """A whole on-policy stage as a plugin adds one, in one class on the engine's public modules: REINFORCE with
+    a leave-one-out baseline (Williams 1992; Ahmadian et al. 2024, arXiv:2402.14740)."""
+
+    @polm.hookimpl
+    def polm_register_stages(self, register):
+        from dataclasses import dataclass
+
+        from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
+        from polm.engine.options import StageOptions
+        from polm.engine.rewards import score_weighted
+        from polm.engine.rl import RolloutBuffer, completion_token_logps, rloo_advantages, sample
+        from polm.engine.stage import Stage
+        from polm.engine.trainer import OnPolicyTask, train
+
+        @dataclass
+        class ReinforceOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
+            samples: int = 2
+
+        class Reinforce(Stage):
+            Options = ReinforceOptions
+
+            def run(self, context):
+                options = self.options
+
+                def collect(policy, rows):
+                    k = options.samples
+                    rollout = sample(policy, context.tokenizer, [row["prompt"] for row in rows], num_samples=k,
+                                     max_new_tokens=options.max_new_tokens, temperature=options.temperature)
+                    rewards, _ = score_weighted(options.reward_weights(), [r for r in rows for _ in range(k)],
+                                                rollout.texts, options.reward_options)
+                    advantages = rloo_advantages(torch.tensor(rewards).view(-1, k)).flatten()  # (N,)
+                    return RolloutBuffer({"rollout": rollout, "advantages": advantages}, torch.ones(len(rewards)),
+                                         [list(range(len(rewards)))], {"reward": sum(rewards) / len(rewards)})
+
+                def loss(policy, batch):
+                    rollout = batch["rollout"]
+                    logps, _ = completion_token_logps(policy, rollout)  # (N, C)
+                    per_completion = (logps * rollout.completion_mask.to(logps.dtype)).sum(-1)  # (N,)
+                    return -(batch["advantages"] * per_completion).mean(), {}, int(rollout.attention_mask.sum())
+
+                task = OnPolicyTask(rows=options.data, collect=collect, loss=loss)
+                return train(self.name, context, options, task)
+
+        register("reinforce_test", Reinforce, description="REINFORCE, leave-one-out baseline (test)")
+
+
+def test_a_plugin_adds_an_on_policy_stage_in_one_class(random_model, tokenizer, arithmetic, tmp_path):
+    """The loop samples, scores and steps the plugin's stage like the built-in ones: the policy moves and each
+    generation batch's reward is logged."""
+    plugin = _ReinforcePlugin()
+    polm.plugin_manager().register(plugin, name="test-reinforce")
+    try:
+        before = [parameter.detach().clone() for parameter in random_model.parameters()]
+        polm.Pipeline(random_model, tokenizer=tokenizer).add(
+            "reinforce_test", data=arithmetic[0][:4], rewards={"length": 1.0}, batch_size=2, max_new_tokens=4,
+            temperature=1.0, max_steps=2, lr=1e-3, log_every=1, eval_size=0).run(tmp_path / "run")
+    finally:
+        polm.plugin_manager().unregister(name="test-reinforce")
+    lines = (tmp_path / "run/00-reinforce_test/metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [("reward" in record, "loss" in record) for record in records] == [(True, True), (True, True)]
+    assert any(not torch.equal(old, new) for old, new in zip(before, random_model.parameters()))

@@ -33,8 +33,12 @@ REWARD_MODEL_RECIPE = {"data": "polm:arithmetic-prefs", "max_steps": 2000, "batc
 #: 16 fixed questions of every level, 8 samples each per rollout, 4 updates per rollout, 20 rollouts. The
 #: prompts repeat so that the rollouts' mean score compares like with like (fresh prompts each rollout make
 #: it swing by more than PPO moves it); the prompt baseline removes each question's score offset.
-#: Measured with that reward model: mean score 0.30 over the first 20% of updates, 0.82 over the last 20%,
-#: KL 0.70 per completion at the end (kl_coef 0.1: 0.31 -> 0.86, KL 0.98, and the sampled accuracy falls).
+#: Measured from the former 1200-step quickstart: mean score 0.30 over the first 20% of rollouts, 0.82 over
+#: the last 20%, KL 0.70 per completion at the end (kl_coef 0.1: 0.31 -> 0.86, KL 0.98, and the sampled
+#: accuracy falls). From the 3000-step quickstart, one thread: 3.095 -> 3.447 at seed 0 (KL 0.51), but
+#: 4.202 -> 4.336 at seed 1 (KL 0.10), where the scores' spread within a rollout is 2.2: this test FAILS at
+#: seed 1, and no recipe tried there rose by more than 0.19 (lr 1e-4, 40 rollouts, levels 3-4 only, or
+#: both). It needs a redesign (issue 16), not a lower RISE.
 PPO_RECIPE = {"data": arithmetic_rows("train", 16), "batch_size": 16, "samples": 8, "ppo_epochs": 2,
               "minibatches": 2, "prompt_baseline": True, "kl_coef": 0.3, "max_steps": 80, "lr": 3e-5,
               "lr_scheduler": "constant", "max_new_tokens": 8, "log_every": 1, "eval_size": 0}
@@ -68,7 +72,7 @@ def test_ppo_raises_the_reward_model_score(sft_checkpoint, reward_model_run, see
         "ppo", rewards={"reward_model": 1.0}, reward_options={"reward_model": {"path": str(reward_model)}},
         **PPO_RECIPE).run(tmp_path / "run")
     records = [r for r in map(json.loads, (tmp_path / "run/00-ppo/metrics.jsonl").read_text().splitlines())
-               if "loss" in r]
+               if "score" in r]  # one per rollout: the steps that sampled it
     fifth = len(records) // 5
     first = sum(r["score"] for r in records[:fifth]) / fifth
     last = sum(r["score"] for r in records[-fifth:]) / fifth
