@@ -4,8 +4,7 @@ The family every stage belongs to that trains on given text rather than on prefe
 ``sft`` (with packing and NEFTune on top), ``align`` (the same loss through frozen encoders and trained
 connectors) and the updates of ``rft`` on its accepted samples. The loss and the stage base live here, in
 the engine, so those plugins share them without importing each other. ``sft``, ``align`` and ``rft`` train
-with any
-registered objective of the ``language_modelling`` family (``objective:``, see
+with any registered objective of the ``language_modelling`` family (``objective:``, see
 :mod:`polm.engine.objectives`); the default ``completion`` is :func:`completion_loss`, registered by the
 fine-tuning plugin.
 """

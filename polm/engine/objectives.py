@@ -28,8 +28,8 @@ and no reference model is held) and ``average_logps=True`` (log-probs averaged o
 tokens rather than summed). A policy-gradient objective declares ``token_level=True`` when its loss is a
 mean over every completion token rather than over completions: its stage then weighs each completion by
 its tokens in the rollout buffer, so that the training loop normalises an update over every token of the
-accumulation window (:mod:`polm.engine.rl.on_policy`). An objective registered without a family belongs to none and no
-stage uses it.
+accumulation window (:mod:`polm.engine.rl.on_policy`). An objective registered without a family belongs to
+none and no stage uses it.
 """
 
 from __future__ import annotations

@@ -77,11 +77,8 @@ class OnPolicySteps:
                 self.buffer = self.collect(model, [row for rows in micro_batch_rows for row in rows])
             collected = self.buffer.metrics
         self.micro_batches = self.buffer.next_update(self.grad_accum)
-        self.shares = self._shares([micro_batch.weight for micro_batch in self.micro_batches])
+        self.shares = normalising_shares([micro_batch.weight for micro_batch in self.micro_batches], self.accelerator)
         return collected
-
-    def _shares(self, weights: list[float]) -> list[float]:
-        return normalising_shares(weights, self.accelerator)
 
     def loss(self, model: torch.nn.Module, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         """Micro-batch ``micro`` of the current update: ``(its loss scaled by its share, metrics, tokens)``; the

@@ -30,10 +30,10 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from polm.engine.data import Row, load_rows
-from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_completion, pad_batch, truncate
+from polm.engine.encoding import Encoded, encode_completion, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
-from polm.engine.lm import lm_loss
+from polm.engine.lm import label_tokens, lm_loss
 from polm.engine.objectives import LANGUAGE_MODELLING, LanguageModellingObjective
 from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
 from polm.engine.options import StageOptions
@@ -61,11 +61,6 @@ class RFTOptions(StageOptions, DataOptions, SamplingOptions, RewardOptions):
     objective: str = field(default="completion", metadata={
         "help": "a registered language_modelling objective to train on the accepted samples with"})
     objective_options: dict = field(default_factory=dict, metadata={"help": "the objective's keyword options"})
-
-
-def label_tokens(example: Encoded) -> int:
-    """The tokens a language-modelling objective predicts in ``example`` (labelled positions after the first)."""
-    return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 @dataclass
@@ -109,7 +104,8 @@ class RFTStep:
                                temperature=options.temperature, top_p=options.top_p,
                                num_samples=options.samples, stop_strings=options.stop_strings)
         examples, stats = self.accepted(rows, completions)
-        weights = torch.tensor([float(label_tokens(example)) for example in examples])
+        pad_id = self.tokenizer.pad_token_id
+        weights = torch.tensor([float(label_tokens(pad_batch([example], pad_id))) for example in examples])
         return RolloutBuffer({"examples": examples}, weights, [list(range(len(examples)))], stats)
 
     def loss(self, policy: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, dict[str, float], int]:
