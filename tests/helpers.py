@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import polm
+from polm.engine.encoding import IGNORE_INDEX, Encoded
 
 
 @contextmanager
@@ -17,3 +18,17 @@ def registered(plugin: object, name: str) -> Iterator[object]:
         yield plugin
     finally:
         manager.unregister(name=name)
+
+
+def labelled_spans(tokenizer, example: Encoded) -> list[str]:
+    """The decoded runs of consecutive labelled tokens, in order."""
+    spans: list[list[int]] = []
+    previous_labelled = False
+    for token, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            assert label == token, "a label differs from its input id"
+            if not previous_labelled:
+                spans.append([])
+            spans[-1].append(token)
+        previous_labelled = label != IGNORE_INDEX
+    return [tokenizer.decode(span) for span in spans]

@@ -19,6 +19,7 @@ import torch
 import polm
 from polm.engine.data import load_rows, read_jsonl, row_format, validate_row
 from polm.engine.encoding import IGNORE_INDEX, Encoded, encode_prompt, encode_row, pad_batch, truncate
+from tests.helpers import labelled_spans
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -33,20 +34,6 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
-
-
-def labelled_spans(tokenizer, example: Encoded) -> list[str]:
-    """The decoded runs of consecutive labelled tokens, in order."""
-    spans: list[list[int]] = []
-    previous_labelled = False
-    for token, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            assert label == token, "a label differs from its input id"
-            if not previous_labelled:
-                spans.append([])
-            spans[-1].append(token)
-        previous_labelled = label != IGNORE_INDEX
-    return [tokenizer.decode(span) for span in spans]
 
 
 # Reading rows

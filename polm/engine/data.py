@@ -24,10 +24,10 @@ sound; relative paths are resolved against the JSONL file's folder. A
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from polm.engine.errors import PolmError
 
@@ -36,6 +36,41 @@ ROW_FORMATS: tuple[str, ...] = ("text", "completion", "chat", "preference", "tas
 ROLES = ("system", "user", "assistant")
 PART_TYPES = {"text": "text", "image": "path", "audio": "path"}
 BUNDLED_PREFIX = "polm:"
+Encoded = TypeVar("Encoded")
+
+
+class Rows(list):
+    """Validated rows that remember where each came from (``file.jsonl:12``, ``polm:arithmetic[train] row 3``),
+    so that an error found later, when a row is encoded, can name it."""
+
+    def __init__(self, rows: Iterable[Row] = (), origins: Sequence[str] | None = None) -> None:
+        super().__init__(rows)
+        self.origins = list(origins) if origins is not None else [f"row {index}" for index in range(len(self))]
+
+    def __getitem__(self, index):  # a slice keeps its rows' origins
+        if isinstance(index, slice):
+            return Rows(super().__getitem__(index), self.origins[index])
+        return super().__getitem__(index)
+
+    def where(self, index: int) -> str:
+        """Where row ``index`` came from."""
+        return self.origins[index]
+
+
+def encode_each(rows: Sequence[Row], encode: Callable[[Row], Encoded]) -> list[Encoded]:
+    """``encode`` applied to every row, in order; an error names the row (:meth:`Rows.where`).
+
+    Raises:
+        PolmError: ``encode`` failed on a row; the message starts with where the row came from.
+    """
+    encoded = []
+    for index, row in enumerate(rows):
+        try:
+            encoded.append(encode(row))
+        except PolmError as error:
+            where = rows.where(index) if isinstance(rows, Rows) else f"row {index}"
+            raise PolmError(f"{where}: {error}") from None
+    return encoded
 
 
 @dataclass
@@ -137,7 +172,7 @@ def _validate_part(part: Any, name: str, where: str, base_dir: Path | None) -> R
     return part
 
 
-def read_jsonl(path: str | Path) -> list[Row]:
+def read_jsonl(path: str | Path) -> Rows:
     """Read and validate a JSONL file.
 
     Raises:
@@ -147,7 +182,7 @@ def read_jsonl(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.is_file():
         raise PolmError(f"data file not found: {path}")
-    rows = []
+    rows, origins = [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -158,9 +193,10 @@ def read_jsonl(path: str | Path) -> list[Row]:
             except json.JSONDecodeError as error:
                 raise PolmError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
             rows.append(validate_row(row, where, base_dir=path.parent))
+            origins.append(where)
     if not rows:
         raise PolmError(f"{path}: the file has no rows")
-    return rows
+    return Rows(rows, origins)
 
 
 def bundled_name(spec: str) -> str | None:
@@ -183,13 +219,13 @@ def check_data_spec(spec: Any, option: str) -> None:
         raise PolmError(f"option '{option}': data file not found: {spec}")
 
 
-def load_rows(spec: str | Path | Sequence[Row], split: str = "train") -> list[Row]:
+def load_rows(spec: str | Path | Sequence[Row], split: str = "train") -> Rows:
     """Rows from a bundled dataset (``polm:<name>``, the given split), a JSONL file or a list.
 
     A JSONL file has a single split: it is returned whatever ``split`` says.
     """
     if isinstance(spec, (list, tuple)):
-        return [validate_row(row, f"row {i}") for i, row in enumerate(spec)]
+        return Rows(validate_row(row, f"row {i}") for i, row in enumerate(spec))
     spec = str(spec)
     name = bundled_name(spec)
     if name is None:
@@ -199,4 +235,6 @@ def load_rows(spec: str | Path | Sequence[Row], split: str = "train") -> list[Ro
     dataset: BundledDataset = registry("datasets").get(name)
     if split not in dataset.splits:
         raise PolmError(f"dataset '{spec}' has no split '{split}'; it has: {', '.join(dataset.splits)}")
-    return [validate_row(row, f"{spec}[{split}] row {i}") for i, row in enumerate(dataset.build(split))]
+    rows = list(dataset.build(split))
+    origins = [f"{spec}[{split}] row {i}" for i in range(len(rows))]
+    return Rows((validate_row(row, where) for row, where in zip(rows, origins)), origins)

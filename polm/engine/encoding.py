@@ -20,10 +20,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, TypeVar
 
 import torch
 
+from polm.engine.chat_template import assistant_frame, assistant_spans, render_text
 from polm.engine.data import Row, row_format
 from polm.engine.errors import PolmError
 from polm.engine.log import get_logger
@@ -114,15 +116,43 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
 
 def render_chat(tokenizer: Any, messages: list[Row], add_generation_prompt: bool) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template, one placeholder per media part."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise PolmError(
-            f"tokenizer '{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}' has no chat template, "
-            "so chat rows cannot be rendered; set tokenizer.chat_template or use {prompt, completion} rows"
-        )
-    text = tokenizer.apply_chat_template(
-        _with_markers(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-    return _tokenize(tokenizer, text)
+    return _tokenize(tokenizer, render_text(tokenizer, _with_markers(messages), add_generation_prompt))
+
+
+def _tokenize_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` (as :func:`_tokenize`) and whether each token falls in one of ``spans``.
+
+    ``text`` is tokenized whole, as the model reads it, and a token counts as inside a span when its
+    characters overlap one (a fast tokenizer's offsets). A tokenizer without offsets tokenizes the
+    text between span boundaries piece by piece instead.
+    """
+    ids: list[int] = []
+    inside: list[bool] = []
+    start = 0
+    for piece in _MARKER_PATTERN.split(text):
+        if piece in _MEDIA_MARKERS:
+            ids.append(_MEDIA_MARKERS[piece])
+            inside.append(False)
+        elif piece:
+            for token_id, (first, last) in _tokens_with_offsets(tokenizer, piece, start, spans):
+                ids.append(token_id)
+                inside.append(any(first < end and last > begin or begin <= first == last < end
+                                  for begin, end in spans))
+        start += len(piece)
+    return ids, inside
+
+
+def _tokens_with_offsets(tokenizer: Any, piece: str, start: int,
+                         spans: list[tuple[int, int]]) -> list[tuple[int, tuple[int, int]]]:
+    """Each token of ``piece`` (which begins at ``start`` of the text) with its character range in the text."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        return [(token_id, (start + first, start + last))
+                for token_id, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    edges = (edge - start for span in spans for edge in span)
+    cuts = sorted({0, len(piece), *(edge for edge in edges if 0 < edge < len(piece))})
+    return [(token_id, (start + first, start + last)) for first, last in pairwise(cuts)
+            for token_id in tokenizer(piece[first:last], add_special_tokens=False)["input_ids"]]
 
 
 def _with_media(input_ids: list[int], labels: list[int], parts: list[Row]) -> Encoded:
@@ -148,13 +178,25 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Row]) -> list[int]:
 
 
 def encode_completion(tokenizer: Any, prompt: str | list[Row], completion: str) -> Encoded:
-    """Prompt and completion with the loss on the completion tokens only."""
+    """Prompt and completion with the loss on the completion tokens only.
+
+    With a chat template the prompt is rendered with its generation prompt, exactly as a model is asked
+    at inference, and the completion is what the template writes for an assistant turn after it: its
+    opening, the completion and its closing (:func:`~polm.engine.chat_template.assistant_frame`). Text
+    the generation prompt already ends with (DeepSeek-R1-Distill's ``<think>\n``) is not written twice
+    when the completion starts with it.
+    """
     prompt_ids = encode_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
-        messages = as_messages(prompt) + [{"role": "assistant", "content": completion}]
-        full_ids = render_chat(tokenizer, messages, add_generation_prompt=False)
-        _check_prefix(prompt_ids, full_ids, tokenizer)
-        completion_ids = full_ids[len(prompt_ids):]
+        context = _with_markers(as_messages(prompt))
+        frame = assistant_frame(tokenizer, context)
+        if frame.prompt_extra and completion.startswith(frame.prompt_extra):
+            completion = completion[len(frame.prompt_extra):]
+        answer = frame.opening + completion + frame.closing
+        full_ids = _tokenize(tokenizer, render_text(tokenizer, context, add_generation_prompt=True) + answer)
+        # Tokenized together, the prompt keeps its own ids unless a token joins its end to the answer.
+        together = full_ids[: len(prompt_ids)] == prompt_ids
+        completion_ids = full_ids[len(prompt_ids):] if together else _tokenize(tokenizer, answer)
     else:
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return _with_media(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
@@ -162,31 +204,16 @@ def encode_completion(tokenizer: Any, prompt: str | list[Row], completion: str) 
 
 
 def encode_chat(tokenizer: Any, messages: list[Row]) -> Encoded:
-    """A multi-turn chat with the loss on the assistant turns only."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    last = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        last = index
-        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True) if index else []
-        through = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        _check_prefix(input_ids, before, tokenizer)
-        _check_prefix(before, through, tokenizer)
-        labels += [IGNORE_INDEX] * (len(before) - len(input_ids)) + through[len(before):]
-        input_ids = through
-    if not input_ids:
+    """A multi-turn chat with the loss on the assistant turns only (:func:`~polm.engine.chat_template.assistant_spans`),
+    cut after the last of them."""
+    text, spans = assistant_spans(tokenizer, _with_markers(messages))
+    ids, inside = _tokenize_spans(tokenizer, text, spans)
+    if not any(inside):
         raise PolmError("a chat row has no assistant message to learn from")
-    return _with_media(input_ids, labels, media_parts(messages[: last + 1]))
-
-
-def _check_prefix(prefix: list[int], full: list[int], tokenizer: Any) -> None:
-    if full[: len(prefix)] != prefix:
-        raise PolmError(
-            f"the chat template of '{getattr(tokenizer, 'name_or_path', '')}' renders a conversation "
-            "differently from its beginning, so prompt tokens cannot be masked; use a prefix-consistent template"
-        )
+    end = len(inside) - inside[::-1].index(True)
+    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    labels = [token_id if labelled else IGNORE_INDEX for token_id, labelled in zip(ids, inside)]
+    return _with_media(ids[:end], labels[:end], media_parts(messages[: last + 1]))
 
 
 def encode_row(tokenizer: Any, row: Row) -> Encoded:

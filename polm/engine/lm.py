@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polm.engine.data import load_rows
+from polm.engine.data import encode_each, load_rows
 from polm.engine.encoding import (
     IGNORE_INDEX,
     Encoded,
@@ -101,8 +101,8 @@ class LanguageModellingStage(Stage):
         """The training rows encoded, cut to ``max_length``, those left without a completion token dropped."""
         rows = load_rows(self.options.data, "train")
         max_length = self.options.max_length
-        return keep_rows_that_fit(self.name, [truncate(encode_row(tokenizer, row), max_length) for row in rows],
-                                  max_length)
+        encoded = encode_each(rows, lambda row: truncate(encode_row(tokenizer, row), max_length))
+        return keep_rows_that_fit(self.name, encoded, max_length)
 
     def training_task(self, tokenizer: Any) -> TrainingTask:
         """Rows, collation and loss: the encoded rows in padded batches."""

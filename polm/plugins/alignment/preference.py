@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import row_format
+from polm.engine.data import encode_each, row_format
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.evaluation import exact_match
 from polm.engine.objectives import PAIRWISE, Objective
@@ -50,7 +50,7 @@ class PreferenceStage(Stage):
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str = "data") -> list[EncodedPair]:
         """The pairs of ``rows`` that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
         max_length = self.options.max_length
-        return keep_rows_that_fit(self.name, [encode_pair(tokenizer, row, max_length) for row in rows],
+        return keep_rows_that_fit(self.name, encode_each(rows, lambda row: encode_pair(tokenizer, row, max_length)),
                                   max_length, what)
 
     def reference(self, policy: torch.nn.Module, objective: Objective) -> ReferenceModel | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import load_rows, row_format
+from polm.engine.data import encode_each, load_rows, row_format
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
@@ -60,7 +60,7 @@ class RewardModelStage(Stage):
     def encode(self, tokenizer: Any, rows: list[dict[str, Any]], what: str) -> list[EncodedPair]:
         """The pairs of ``rows`` that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
         max_length = self.options.max_length
-        return keep_rows_that_fit(self.name, [encode_pair(tokenizer, row, max_length) for row in rows],
+        return keep_rows_that_fit(self.name, encode_each(rows, lambda row: encode_pair(tokenizer, row, max_length)),
                                   max_length, what)
 
     @torch.no_grad()
