@@ -36,9 +36,49 @@ def default_lora_targets(model: torch.nn.Module) -> list[str] | str:
     models, so the same recipe would adapt attention and MLP on a Llama but only
     two attention projections on, say, a Phi. ``"all-linear"`` is what the table
     gives for the known architectures too.
+
+    A mixture-of-experts model gets the same rule in every family: its linear layers outside the MoE
+    blocks (attention), and its routed experts through :func:`fused_expert_parameters`; not the routers,
+    and not the linear layers of the blocks' shared experts, nor the dense MLP layers that share their
+    names. ``"all-linear"`` would adapt Mixtral's router and Qwen2-MoE's shared experts and shared-expert
+    gate but not its routed experts; and for Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and GLM-4-MoE, peft (for
+    checkpoints of transformers 4) reads ``gate_proj`` / ``up_proj`` / ``down_proj`` as the routed experts
+    and drops the shared and dense layers of those names, so naming them would mean one thing per family.
     """
+    in_blocks = moe_block_layers(model)
+    if in_blocks or fused_expert_parameters(model):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        heads = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+        return [name for name in adapter_layers(model) if name not in in_blocks | heads]
     targets = LORA_TARGETS.get(model_type(model) or "")
     return list(targets) if targets else ALL_LINEAR
+
+
+def fused_expert_parameters(model: torch.nn.Module) -> list[str]:
+    """The routed experts' fused weights of a mixture-of-experts model, as peft ``target_parameters`` names.
+
+    transformers keeps each MoE block's experts as one ``experts`` module holding 3-d parameters,
+    (experts, out, in): ``gate_up_proj`` and ``down_proj`` for Mixtral, Qwen2/3-MoE, OLMoE and
+    DeepSeek-V3. Returns ``["experts.gate_up_proj", "experts.down_proj"]`` for those; empty for a dense model.
+    """
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "experts":
+            for parameter_name, parameter in module.named_parameters(recurse=False):
+                if parameter.ndim == 3:
+                    names[f"experts.{parameter_name}"] = None
+    return list(names)
+
+
+def moe_block_layers(model: torch.nn.Module) -> set[str]:
+    """Short names of the linear layers inside a mixture-of-experts block (a module with an ``experts``
+    child): its routers (Qwen2-MoE's ``shared_expert_gate``) and its shared experts' projections."""
+    names: set[str] = set()
+    for module in model.modules():
+        if "experts" in dict(module.named_children()):
+            names |= {name.rsplit(".", 1)[-1] for name, layer in module.named_modules()
+                      if isinstance(layer, torch.nn.Linear)}
+    return names
 
 
 def adapter_layers(model: torch.nn.Module) -> list[str]:
