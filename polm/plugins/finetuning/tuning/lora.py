@@ -11,14 +11,18 @@ from typing import Any
 
 import torch
 
+from polm.engine.errors import PolmError
 from polm.plugins.finetuning.tuning.base import (
     PeftTuning,
     check_fraction,
     check_positive,
     check_target_option,
 )
-from polm.engine.errors import PolmError
-from polm.plugins.finetuning.tuning.targets import check_targets, default_lora_targets, fused_expert_parameters
+from polm.plugins.finetuning.tuning.targets import (
+    check_targets,
+    default_lora_targets,
+    fused_expert_parameters,
+)
 
 BIAS = ("none", "all", "lora_only")
 EXPERTS = ("adapt", "freeze")
