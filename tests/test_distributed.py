@@ -111,8 +111,9 @@ def test_sft_then_dpo_on_two_processes_matches_one_process_at_the_same_global_ba
 
 
 def test_a_run_killed_on_two_processes_resumes_there_exactly(model_dir, arithmetic, tmp_path):
-    """SIGKILL of the main process when step 3 is logged (the launcher then stops the other) (checkpoint 2 holds each rank's RNG
-    state), then ``resume`` on 2 processes: every final tensor equals the uninterrupted 2-process run's."""
+    """SIGKILL of the main process when step 3 is logged (the launcher then stops the other; checkpoint 2
+    holds each rank's RNG state). ``resume`` on 1 process is refused, naming the count; on 2 processes every
+    final tensor equals the uninterrupted 2-process run's."""
     rows, _ = arithmetic
     options = {"data": rows, "batch_size": 4, "max_steps": 5, "lr": 1e-3, "eval_size": 0, "log_every": 1,
                "save_every": 2}
@@ -124,6 +125,8 @@ def test_a_run_killed_on_two_processes_resumes_there_exactly(model_dir, arithmet
     assert killed.returncode != 0 and "RUN DONE" not in killed.stdout, killed.stderr[-3000:]
     checkpoint = tmp_path / "split" / "00-sft" / "checkpoint-000002"
     assert sorted(path.name for path in checkpoint.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
+    one = _run(tmp_path, "one", {**split, "resume": True}, processes=1)  # another count cannot continue it
+    assert one.returncode != 0 and "written by 2 process(es) and this run has 1" in one.stderr, one.stderr[-3000:]
     resumed = _run(tmp_path, "resumed", {**split, "resume": True}, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, actual = _weights(tmp_path / "whole" / "00-sft"), _weights(tmp_path / "split" / "00-sft")
@@ -144,3 +147,25 @@ def test_grpo_finishes_when_one_process_drops_all_its_groups(model_dir, arithmet
     records = [json.loads(line) for line in (tmp_path / "grpo" / "00-grpo" / "metrics.jsonl").read_text().splitlines()]
     kept = [record["groups_kept"] for record in records if "groups_kept" in record]
     assert len(kept) == 2 and all(share <= 0.5 for share in kept), kept  # rank 1 kept none of its groups
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_an_fsdp_or_deepspeed_launch_is_refused_before_anything_is_written(model_dir, tmp_path, variable):
+    """``accelerate launch`` with an FSDP or DeepSpeed config sets these switches; polm, which drives DDP only,
+    exits 2 with one line naming the config to use instead, and writes nothing."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\nstages:\n  - name: sft\n    data: polm:arithmetic\n    max_steps: 1\n")
+    run = subprocess.run([sys.executable, "-m", "polm.engine.cli", "run", str(recipe), "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, check=False, env={**os.environ, variable: "true"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "does not drive" in run.stderr and "examples/accelerate/multi_gpu.yaml" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_accelerate_config_is_a_two_process_data_parallel_launch():
+    """``examples/accelerate/multi_gpu.yaml`` parses with accelerate's own loader as DDP on 2 processes (the README's
+    command; run here on CPU it trains as ``torchrun --nproc_per_node 2``)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "examples" / "accelerate" / "multi_gpu.yaml"))
+    assert (config.distributed_type.value, config.num_processes, config.use_cpu) == ("MULTI_GPU", 2, False)

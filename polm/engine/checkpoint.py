@@ -94,6 +94,11 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
     return json.loads((directory / STATE_FILE).read_text())
 
 
+def checkpoint_processes(directory: Path) -> int:
+    """How many processes wrote the checkpoint in ``directory`` (one RNG state each)."""
+    return len(list(Path(directory).glob("rng_state_*.pt")))
+
+
 def save_rollout_buffers(directory: Path, states: list[dict[str, Any] | None]) -> None:
     """Write each process's rollout buffer state (by rank; None where a process has none), if any has one."""
     if any(state is not None for state in states):

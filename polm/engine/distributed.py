@@ -32,8 +32,22 @@ def cpu_launch() -> bool:
     return launched_processes() > 1 and not torch.cuda.is_available()
 
 
+#: The environment switches ``accelerate launch`` sets for the sharding back-ends polm does not drive yet.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
 def process_state() -> PartialState:
-    """The run's process state (one per launched process, shared by every stage's Accelerator)."""
+    """The run's process state (one per launched process, shared by every stage's Accelerator).
+
+    Raises:
+        PolmError: the launcher asked for FSDP or DeepSpeed, before anything is written.
+    """
+    for variable, backend in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true"):
+            raise PolmError(
+                f"polm trains several processes data-parallel (DDP) and does not drive {backend} yet: its sharded "
+                "parameters need a gathered state dict to save and every process in evaluation and generation; "
+                "launch with a multi-GPU config instead (examples/accelerate/multi_gpu.yaml)")
     return PartialState(cpu=cpu_launch())
 
 

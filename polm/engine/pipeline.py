@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.checkpoint import atomic_directory, save_model
+from polm.engine.checkpoint import atomic_directory, checkpoint_processes, latest_checkpoint, save_model
 from polm.engine.distributed import on_main_process, process_state
 from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
@@ -160,7 +160,7 @@ class Pipeline:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
-        on_main_process(lambda: self._claim(output_dir, resume), processes)
+        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes), processes)
         stop = stop or threading.Event()
         model, tokenizer = load_model(self.model_spec, self.tokenizer)
         result = RunResult(output_dir)
@@ -198,7 +198,7 @@ class Pipeline:
                 model = starting  # its final/ holds a side model; the next stage continues from the policy
         return result
 
-    def _claim(self, output_dir: Path, resume: bool) -> None:
+    def _claim(self, output_dir: Path, resume: bool, processes: int) -> None:
         run_file = output_dir / RUN_FILE
         description = self.describe()
         if resume:
@@ -207,6 +207,7 @@ class Pipeline:
             previous = json.loads(run_file.read_text())
             if [s["name"] for s in previous["stages"]] != [s["name"] for s in description["stages"]]:
                 raise PolmError(f"--resume: {output_dir} holds a run with other stages; resume it with its own recipe")
+            _check_resumable_by(output_dir, processes)
             return
         if output_dir.exists() and any(output_dir.iterdir()):
             raise PolmError(
@@ -215,6 +216,19 @@ class Pipeline:
             )
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
+
+
+def _check_resumable_by(output_dir: Path, processes: int) -> None:
+    """Refuse to resume a stage's checkpoint with another process count than wrote it: each process continues
+    its own shard of the data order and its own RNG state, so another count could not continue the same run."""
+    for stage_dir in sorted(path for path in output_dir.iterdir() if path.is_dir()):
+        checkpoint = None if (stage_dir / FINAL_DIR / STAGE_FILE).is_file() else latest_checkpoint(stage_dir)
+        written = checkpoint_processes(checkpoint) if checkpoint is not None else 0
+        if written and written != processes:
+            raise PolmError(
+                f"--resume: {checkpoint} was written by {written} process(es) and this run has {processes}; each "
+                f"process continues its own data shard and RNG state, so resume with {written} (torchrun "
+                f"--nproc_per_node {written}, or accelerate launch --num_processes {written})")
 
 
 def _jsonable(value: Any) -> Any:
