@@ -172,8 +172,8 @@ def _validate_part(part: Any, name: str, where: str, base_dir: Path | None) -> R
     return part
 
 
-def read_jsonl(path: str | Path) -> Rows:
-    """Read and validate a JSONL file.
+def read_jsonl(path: str | Path, columns: dict[str, str] | None = None) -> Rows:
+    """Read and validate a JSONL file, its columns renamed by ``columns`` first (see :func:`load_rows`).
 
     Raises:
         PolmError: for a missing file, bad JSON or a malformed row, naming the
@@ -189,14 +189,27 @@ def read_jsonl(path: str | Path) -> Rows:
                 continue
             where = f"{path}:{number}"
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise PolmError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            rows.append(validate_row(row, where, base_dir=path.parent))
             origins.append(where)
     if not rows:
         raise PolmError(f"{path}: the file has no rows")
-    return Rows(rows, origins)
+    return _validated(rows, origins, columns, base_dir=path.parent)
+
+
+def _validated(rows: Sequence[Any], origins: Sequence[str], columns: dict[str, str] | None,
+               base_dir: Path | None = None) -> Rows:
+    """``rows`` with their columns renamed (``{source: field}``) and validated, each error naming its origin."""
+    if columns:
+        present = set(rows[0]) if rows and isinstance(rows[0], dict) else set()
+        missing = [source for source in columns if source not in present]
+        if missing:
+            raise PolmError(f"option 'columns': {origins[0]} has no column {', '.join(map(repr, missing))}; "
+                            f"its columns are: {', '.join(sorted(present)) or 'none'}")
+        rows = [{columns.get(key, key): value for key, value in row.items()} if isinstance(row, dict) else row
+                for row in rows]
+    return Rows((validate_row(row, where, base_dir) for row, where in zip(rows, origins)), origins)
 
 
 def bundled_name(spec: str) -> str | None:
@@ -205,36 +218,61 @@ def bundled_name(spec: str) -> str | None:
 
 
 def check_data_spec(spec: Any, option: str) -> None:
-    """Fail early (before any training) if a ``data`` option cannot be loaded."""
-    if isinstance(spec, list):
+    """Fail early (before any training) if a ``data`` option cannot be loaded: a bundled name that is not
+    registered, or a path that does not exist. A Hub id is checked when it is loaded (that needs the network)."""
+    from polm.engine.sources import FILE_FORMATS, is_dataset, is_hub_id
+
+    if isinstance(spec, (list, tuple)) or is_dataset(spec):
         return
-    if not isinstance(spec, str):
-        raise PolmError(f"option '{option}' must be a JSONL path or 'polm:<name>', got {type(spec).__name__}")
+    if not isinstance(spec, (str, Path)):
+        raise PolmError(f"option '{option}' must be 'polm:<name>', a file ({', '.join(('.jsonl', *FILE_FORMATS))}), "
+                        f"a save_to_disk folder, a Hub id or a list of rows; got {type(spec).__name__}")
+    spec = str(spec)
     name = bundled_name(spec)
     if name is not None:
         from polm.engine.plugins import registry
 
         registry("datasets").get(name)
-    elif not Path(spec).is_file():
+    elif not Path(spec).exists() and not is_hub_id(spec):
         raise PolmError(f"option '{option}': data file not found: {spec}")
 
 
-def load_rows(spec: str | Path | Sequence[Row], split: str = "train") -> Rows:
-    """Rows from a bundled dataset (``polm:<name>``, the given split), a JSONL file or a list.
+def load_rows(spec: Any, split: str = "train", columns: dict[str, str] | None = None) -> Rows:
+    """Validated rows from any source a stage's ``data`` may name.
 
-    A JSONL file has a single split: it is returned whatever ``split`` says.
+    Args:
+        spec: a bundled dataset (``polm:<name>``); a JSONL, JSON, CSV or parquet file; a folder written by
+            ``datasets``' ``save_to_disk``; a Hugging Face Hub dataset (``owner/name`` or
+            ``owner/name:config``); a ``datasets.Dataset`` / ``DatasetDict``; or a list of rows.
+        split: the split of a bundled dataset, a ``DatasetDict`` or a Hub dataset; a file, a list and a single
+            ``Dataset`` have one split, returned whatever ``split`` says.
+        columns: renames the source's columns to polm's fields before validation, ``{"question": "prompt"}``;
+            the other columns are kept (rewards see them).
+
+    Raises:
+        PolmError: naming the source, and for a malformed row where it came from (``file:line``) and the field.
     """
+    from polm.engine.sources import dataset_rows, is_dataset
+
     if isinstance(spec, (list, tuple)):
-        return Rows(validate_row(row, f"row {i}") for i, row in enumerate(spec))
+        return _validated(list(spec), [f"row {i}" for i in range(len(spec))], columns)
+    if is_dataset(spec):
+        return _validated(*dataset_rows(spec, split), columns)
     spec = str(spec)
     name = bundled_name(spec)
     if name is None:
-        return read_jsonl(spec)
+        if spec.endswith(".jsonl"):
+            return read_jsonl(spec, columns)
+        if not Path(spec).exists() and Path(spec).suffix:
+            raise PolmError(f"data file not found: {spec}")
+        rows, origins = dataset_rows(spec, split)
+        if not rows:
+            raise PolmError(f"{spec}: the data has no rows")
+        return _validated(rows, origins, columns, base_dir=Path(spec).parent if Path(spec).is_file() else None)
     from polm.engine.plugins import registry
 
     dataset: BundledDataset = registry("datasets").get(name)
     if split not in dataset.splits:
         raise PolmError(f"dataset '{spec}' has no split '{split}'; it has: {', '.join(dataset.splits)}")
     rows = list(dataset.build(split))
-    origins = [f"{spec}[{split}] row {i}" for i in range(len(rows))]
-    return Rows((validate_row(row, where) for row, where in zip(rows, origins)), origins)
+    return _validated(rows, [f"{spec}[{split}] row {i}" for i in range(len(rows))], columns)

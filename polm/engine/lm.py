@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polm.engine.data import encode_each, load_rows
+from polm.engine.data import encode_each
 from polm.engine.encoding import (
     IGNORE_INDEX,
     Encoded,
@@ -99,7 +99,7 @@ class LanguageModellingStage(Stage):
 
     def encode(self, tokenizer: Any) -> list[Encoded]:
         """The training rows encoded, cut to ``max_length``, those left without a completion token dropped."""
-        rows = load_rows(self.options.data, "train")
+        rows = self.rows()
         max_length = self.options.max_length
         encoded = encode_each(rows, lambda row: truncate(encode_row(tokenizer, row), max_length))
         return keep_rows_that_fit(self.name, encoded, max_length)

@@ -22,9 +22,15 @@ from polm.engine.rewards import parse_reward_weights
 class DataOptions:
     """The rows a stage trains on (required) and is evaluated on; the stage's docstring says which rows it reads."""
 
-    data: Any = field(metadata={"help": "training rows: 'polm:<name>', a JSONL path, or a list of rows"})
+    data: Any = field(metadata={
+        "help": "training rows: 'polm:<name>', a .jsonl / .json / .csv / .parquet file, a save_to_disk folder, a "
+                "Hugging Face dataset id ('owner/name' or 'owner/name:config'), a datasets.Dataset, or a list of rows"})
     eval_data: Any = field(default=None, metadata={
-        "help": "held-out rows; defaults to the 'test' split when data is a bundled 'polm:<name>'"})
+        "help": "held-out rows, from the same kinds of source (its 'test' split where it has splits); defaults to "
+                "the 'test' split of a bundled 'polm:<name>' data"})
+    columns: dict = field(default_factory=dict, metadata={
+        "help": "rename the data's columns to polm's fields before the rows are read, e.g. {question: prompt, "
+                "solution: answer}; other columns are kept"})
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from polm.engine.data import bundled_name, check_data_spec, load_rows
+from polm.engine.data import Rows, bundled_name, check_data_spec, load_rows
 from polm.engine.evaluation import exact_match, reference
 from polm.engine.media import MediaModel
 from polm.engine.objectives import Objective, check_objective_options, find_objective
@@ -126,6 +126,10 @@ class Stage:
 
         return registry("tuning_methods").get(tuning).prepare(model, self.options.tuning_options)
 
+    def rows(self) -> Rows:
+        """The training rows of ``data``, its columns renamed by ``columns``."""
+        return load_rows(self.options.data, "train", self.options.columns)
+
     def eval_rows(self) -> list[dict[str, Any]]:
         """Held-out rows: ``eval_data``, else the ``test`` split of a bundled ``data``; at most ``eval_size``."""
         size = getattr(self.options, "eval_size", 0)
@@ -135,7 +139,7 @@ class Stage:
             return []
         if spec is None and isinstance(data, str) and bundled_name(data) is not None:
             spec = data
-        return load_rows(spec, "test")[:size] if spec is not None else []
+        return load_rows(spec, "test", getattr(self.options, "columns", None))[:size] if spec is not None else []
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out metrics of ``model``; by default greedy ``exact_match`` on rows with references."""

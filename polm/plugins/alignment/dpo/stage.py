@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from polm.engine.data import load_rows
 from polm.engine.encoding import IGNORE_INDEX
 from polm.engine.objectives import Objective
 from polm.engine.option_groups import DataOptions
@@ -73,7 +72,7 @@ class DPOStage(PreferenceStage):
     def training_task(self, context: StageContext, objective: Objective) -> TrainingTask:
         """Pairs, collation, the objective's loss and held-out evaluation, with the reference set up."""
         model, tokenizer, options = context.model, context.tokenizer, self.options
-        pairs = self.encode(tokenizer, load_rows(options.data, "train"))
+        pairs = self.encode(tokenizer, self.rows())
         reference = self.reference(model, objective)
         eval_reference = self.eval_reference_logps(model, tokenizer, reference)
         if reference is not None and options.precompute_ref:

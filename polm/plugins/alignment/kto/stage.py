@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import load_rows
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.objectives import UNPAIRED
 from polm.engine.option_groups import DataOptions
@@ -58,7 +57,7 @@ class KTOStage(PreferenceStage):
 
     def encode_unpaired(self, tokenizer: Any) -> list[EncodedCompletion]:
         """The training rows that fit ``max_length`` (:func:`keep_rows_that_fit`)."""
-        rows = unpaired_rows(load_rows(self.options.data, "train"))
+        rows = unpaired_rows(self.rows())
         max_length = self.options.max_length
         return keep_rows_that_fit(self.name, [encode_unpaired(tokenizer, row, max_length) for row in rows],
                                   max_length)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, load_rows
+from polm.engine.data import Row
 from polm.engine.evaluation import generate
 from polm.engine.objectives import Objective
 from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
@@ -133,7 +133,7 @@ class OnlineDPOStage(PreferenceStage):
         eval_reference = self.eval_reference_logps(model, tokenizer, reference)
         step = OnlineDPOStep(options, tokenizer, RewardSource(options), objective, reference)
         task = OnPolicyTask(
-            rows=load_rows(options.data, "train"),
+            rows=self.rows(),
             collect=step.collect,
             loss=step.loss,
             evaluate=lambda policy: self.evaluate(policy, tokenizer, eval_reference),

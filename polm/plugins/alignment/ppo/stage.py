@@ -47,7 +47,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, load_rows
+from polm.engine.data import Row
 from polm.engine.errors import PolmError
 from polm.engine.objectives import POLICY_GRADIENT, Objective
 from polm.engine.option_groups import DataOptions, RewardOptions, SamplingOptions
@@ -202,7 +202,7 @@ class PPOStage(Stage):
         value_head = ValueHead(hidden_size(model)).to(PartialState().device)
         step = PPOStep(options, tokenizer, RewardSource(options), ReferenceModel(model), value_head, self.objective())
         task = OnPolicyTask(
-            rows=load_rows(options.data, "train"),
+            rows=self.rows(),
             collect=step.collect,
             loss=step.loss,
             evaluate=lambda policy: self.evaluate(policy, tokenizer),

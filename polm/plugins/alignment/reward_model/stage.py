@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import encode_each, load_rows, row_format
+from polm.engine.data import encode_each, row_format
 from polm.engine.encoding import keep_rows_that_fit
 from polm.engine.option_groups import DataOptions
 from polm.engine.options import StageOptions
@@ -100,7 +100,7 @@ class RewardModelStage(Stage):
         tokenizer, options = context.tokenizer, self.options
         torch.manual_seed(context.seed)
         reward_model = build_reward_model(context.model, tokenizer.pad_token_id)
-        pairs = self.encode(tokenizer, load_rows(options.data, "train"), "data")
+        pairs = self.encode(tokenizer, self.rows(), "data")
 
         def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, load_rows
+from polm.engine.data import Row
 from polm.engine.encoding import Encoded, encode_completion, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
@@ -126,7 +126,7 @@ class RFTStage(Stage):
     objective_family = LANGUAGE_MODELLING
 
     def run(self, context: StageContext) -> StageOutput:
-        rows = [row for row in load_rows(self.options.data, "train") if "prompt" in row]
+        rows = [row for row in self.rows() if "prompt" in row]
         if not rows:
             raise PolmError(f"stage '{self.name}': option 'data' has no rows with a 'prompt' to sample from")
         step = RFTStep(self.options, context.tokenizer, self.objective().fn)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from polm.engine.data import Row, load_rows
+from polm.engine.data import Row
 from polm.engine.errors import PolmError
 from polm.engine.evaluation import generate
 from polm.engine.objectives import POLICY_GRADIENT, Objective
@@ -158,7 +158,7 @@ class GRPOStage(Stage):
         return {**metrics, **super().evaluate(model, tokenizer)}
 
     def run(self, context: StageContext) -> StageOutput:
-        rows = [row for row in load_rows(self.options.data, "train") if "prompt" in row]
+        rows = [row for row in self.rows() if "prompt" in row]
         if not rows:
             raise PolmError(f"stage '{self.name}': option 'data' has no rows with a 'prompt' to sample from")
         reference = ReferenceModel(context.model) if self.options.beta > 0 else None

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import Row, load_rows
+from polm.engine.data import Row
 from polm.engine.encoding import IGNORE_INDEX, keep_rows_that_fit, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.option_groups import DataOptions
@@ -147,7 +147,7 @@ class PRMStage(Stage):
             return likelihood_step_loss(step_logps, step_labels(batch["labels"], num_steps))
 
         task = TrainingTask(
-            rows=self.examples(tokenizer, load_rows(self.options.data, "train"), "data"),
+            rows=self.examples(tokenizer, self.rows(), "data"),
             collate=collate,
             compute_loss=compute_loss,
             weigh=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),  # both heads: a mean over steps
