@@ -9,12 +9,15 @@ set, is torch's thread count (default: at most 2). Learning tests record their f
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Tests see only the plugins they install or register themselves.
 os.environ.setdefault("POLM_DISABLE_PLUGIN_AUTOLOAD", "1")
+# Encoded data files go to datasets' cache: one of this session's own, not the user's (set before datasets loads).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="polm-test-datasets-"))
 # A different thread count changes the order of floating-point reductions: the nearest stand-in here for
 # another CPU, so the seed sweep varies it.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))

@@ -103,3 +103,22 @@ def test_a_stage_checks_its_data_source_when_added(sources):
         polm.Pipeline("polm-tiny").add("sft", data="missing.parquet")
     for spec in (str(sources["save_to_disk"]), sources["Dataset"], "openai/gsm8k:main"):
         polm.Pipeline("polm-tiny").add("sft", data=spec)
+
+
+def test_a_data_file_is_encoded_once_into_the_cache_and_again_when_it_changes(tmp_path, tokenizer):
+    """A JSONL file's rows are encoded into an Arrow table in datasets' cache, read back as the same examples as
+    encoding them in memory; a second encode reuses the table (as a rerun, a --resume or another process does);
+    a changed file is encoded again."""
+    from polm.engine.encoded_rows import EncodedRows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:12]), encoding="utf-8")
+    stage = polm.Pipeline("polm-tiny").add("sft", data=str(path), max_length=64).stages[0]
+    first = stage.encode(tokenizer)
+    assert isinstance(first, EncodedRows)
+    assert list(first) == [encode_row(tokenizer, row) for row in ROWS[:12]]
+    assert stage.encode(tokenizer).table.cache_files == first.table.cache_files
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(ROWS[12]) + "\n")
+    changed = stage.encode(tokenizer)
+    assert len(changed) == 13 and changed.table.cache_files != first.table.cache_files

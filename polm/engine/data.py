@@ -24,7 +24,7 @@ sound; relative paths are resolved against the JSONL file's folder. A
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,37 +179,45 @@ def read_jsonl(path: str | Path, columns: dict[str, str] | None = None) -> Rows:
         PolmError: for a missing file, bad JSON or a malformed row, naming the
             file, the line number and the field.
     """
-    path = Path(path)
+    return _collected(iter_rows(path, columns=columns))
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[Any, str]]:
+    """Each parsed line of a JSONL file with its ``file:line``, one at a time."""
     if not path.is_file():
         raise PolmError(f"data file not found: {path}")
-    rows, origins = [], []
+    empty = True
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line), where
             except json.JSONDecodeError as error:
                 raise PolmError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            origins.append(where)
-    if not rows:
+            empty = False
+    if empty:
         raise PolmError(f"{path}: the file has no rows")
-    return _validated(rows, origins, columns, base_dir=path.parent)
 
 
-def _validated(rows: Sequence[Any], origins: Sequence[str], columns: dict[str, str] | None,
-               base_dir: Path | None = None) -> Rows:
-    """``rows`` with their columns renamed (``{source: field}``) and validated, each error naming its origin."""
-    if columns:
-        present = set(rows[0]) if rows and isinstance(rows[0], dict) else set()
-        missing = [source for source in columns if source not in present]
-        if missing:
-            raise PolmError(f"option 'columns': {origins[0]} has no column {', '.join(map(repr, missing))}; "
-                            f"its columns are: {', '.join(sorted(present)) or 'none'}")
-        rows = [{columns.get(key, key): value for key, value in row.items()} if isinstance(row, dict) else row
-                for row in rows]
-    return Rows((validate_row(row, where, base_dir) for row, where in zip(rows, origins)), origins)
+def _validated(raw: Iterable[tuple[Any, str]], columns: dict[str, str] | None,
+               base_dir: Path | None = None) -> Iterator[tuple[Row, str]]:
+    """Each raw row with its columns renamed (``{source: field}``) and validated, each error naming its origin."""
+    for index, (row, where) in enumerate(raw):
+        if columns and isinstance(row, dict):
+            if index == 0:
+                missing = [source for source in columns if source not in row]
+                if missing:
+                    raise PolmError(f"option 'columns': {where} has no column {', '.join(map(repr, missing))}; "
+                                    f"its columns are: {', '.join(sorted(row)) or 'none'}")
+            row = {columns.get(key, key): value for key, value in row.items()}
+        yield validate_row(row, where, base_dir), where
+
+
+def _collected(rows: Iterable[tuple[Row, str]]) -> Rows:
+    pairs = list(rows)
+    return Rows((row for row, _ in pairs), [where for _, where in pairs])
 
 
 def bundled_name(spec: str) -> str | None:
@@ -237,6 +245,37 @@ def check_data_spec(spec: Any, option: str) -> None:
         raise PolmError(f"option '{option}': data file not found: {spec}")
 
 
+def iter_rows(spec: Any, split: str = "train", columns: dict[str, str] | None = None) -> Iterator[tuple[Row, str]]:
+    """The validated rows of ``spec`` with where each came from, one at a time: a large file is never held
+    whole. Takes what :func:`load_rows` takes."""
+    from polm.engine.sources import dataset_rows, is_dataset
+
+    if isinstance(spec, (list, tuple)):
+        yield from _validated(((row, f"row {i}") for i, row in enumerate(spec)), columns)
+        return
+    if is_dataset(spec):
+        yield from _validated(dataset_rows(spec, split), columns)
+        return
+    spec = str(spec)
+    name = bundled_name(spec)
+    if name is not None:
+        from polm.engine.plugins import registry
+
+        dataset: BundledDataset = registry("datasets").get(name)
+        if split not in dataset.splits:
+            raise PolmError(f"dataset '{spec}' has no split '{split}'; it has: {', '.join(dataset.splits)}")
+        rows = dataset.build(split)
+        yield from _validated(((row, f"{spec}[{split}] row {i}") for i, row in enumerate(rows)), columns)
+        return
+    path = Path(spec)
+    if spec.endswith(".jsonl"):
+        yield from _validated(_jsonl_lines(path), columns, base_dir=path.parent)
+        return
+    if not path.exists() and path.suffix:
+        raise PolmError(f"data file not found: {spec}")
+    yield from _validated(dataset_rows(spec, split), columns, base_dir=path.parent if path.is_file() else None)
+
+
 def load_rows(spec: Any, split: str = "train", columns: dict[str, str] | None = None) -> Rows:
     """Validated rows from any source a stage's ``data`` may name.
 
@@ -250,29 +289,10 @@ def load_rows(spec: Any, split: str = "train", columns: dict[str, str] | None = 
             the other columns are kept (rewards see them).
 
     Raises:
-        PolmError: naming the source, and for a malformed row where it came from (``file:line``) and the field.
+        PolmError: naming the source, and for a malformed row where it came from (``file:line``) and the field;
+            or the source has no rows.
     """
-    from polm.engine.sources import dataset_rows, is_dataset
-
-    if isinstance(spec, (list, tuple)):
-        return _validated(list(spec), [f"row {i}" for i in range(len(spec))], columns)
-    if is_dataset(spec):
-        return _validated(*dataset_rows(spec, split), columns)
-    spec = str(spec)
-    name = bundled_name(spec)
-    if name is None:
-        if spec.endswith(".jsonl"):
-            return read_jsonl(spec, columns)
-        if not Path(spec).exists() and Path(spec).suffix:
-            raise PolmError(f"data file not found: {spec}")
-        rows, origins = dataset_rows(spec, split)
-        if not rows:
-            raise PolmError(f"{spec}: the data has no rows")
-        return _validated(rows, origins, columns, base_dir=Path(spec).parent if Path(spec).is_file() else None)
-    from polm.engine.plugins import registry
-
-    dataset: BundledDataset = registry("datasets").get(name)
-    if split not in dataset.splits:
-        raise PolmError(f"dataset '{spec}' has no split '{split}'; it has: {', '.join(dataset.splits)}")
-    rows = list(dataset.build(split))
-    return _validated(rows, [f"{spec}[{split}] row {i}" for i in range(len(rows))], columns)
+    rows = _collected(iter_rows(spec, split, columns))
+    if not rows and not isinstance(spec, (list, tuple)):
+        raise PolmError(f"{spec if isinstance(spec, (str, Path)) else 'the dataset object'}: the data has no rows")
+    return rows

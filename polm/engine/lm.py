@@ -11,7 +11,7 @@ fine-tuning plugin.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,12 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polm.engine.data import encode_each
+from polm.engine.encoded_rows import encoded_rows
 from polm.engine.encoding import (
     IGNORE_INDEX,
     Encoded,
     encode_row,
-    keep_rows_that_fit,
     media_inputs,
     pad_batch,
     truncate,
@@ -97,12 +96,12 @@ class LanguageModellingStage(Stage):
     Options = LanguageModellingOptions
     objective_family = LANGUAGE_MODELLING
 
-    def encode(self, tokenizer: Any) -> list[Encoded]:
-        """The training rows encoded, cut to ``max_length``, those left without a completion token dropped."""
-        rows = self.rows()
+    def encode(self, tokenizer: Any) -> Sequence[Encoded]:
+        """The training rows encoded, cut to ``max_length``, those left without a completion token dropped;
+        a data file's are encoded once and read from disk (:func:`~polm.engine.encoded_rows.encoded_rows`)."""
         max_length = self.options.max_length
-        encoded = encode_each(rows, lambda row: truncate(encode_row(tokenizer, row), max_length))
-        return keep_rows_that_fit(self.name, encoded, max_length)
+        return encoded_rows(self.name, self.options.data, self.options.columns, tokenizer,
+                            lambda row: truncate(encode_row(tokenizer, row), max_length), max_length)
 
     def training_task(self, tokenizer: Any) -> TrainingTask:
         """Rows, collation and loss: the encoded rows in padded batches."""

@@ -9,6 +9,7 @@ renames columns and validates them the same way whatever the source.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ FILE_FORMATS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 #: ``owner/name`` or ``owner/name:config`` of a dataset on the Hugging Face Hub.
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 
-RawRows = tuple[list[dict[str, Any]], list[str]]
+RawRows = Iterator[tuple[dict[str, Any], str]]
 
 
 def is_dataset(spec: Any) -> bool:
@@ -39,7 +40,7 @@ def describe(spec: Any) -> str:
 
 
 def dataset_rows(spec: Any, split: str) -> RawRows:
-    """The raw rows of a ``datasets`` source and their origins (``file.csv:3``, ``folder[test] row 4``).
+    """The raw rows of a ``datasets`` source with their origins (``file.csv:3``, ``folder[test] row 4``).
 
     A file or a single ``Dataset`` has one split, returned whatever ``split`` says; a ``DatasetDict``, a
     ``save_to_disk`` folder of one, or a Hub dataset gives ``split``. CSV fields are read as text, so an
@@ -94,9 +95,9 @@ def _split_of(table: Any, split: str, where: str) -> Any:
 
 
 def _table_rows(table: Any, origin: str, first: int = 0) -> RawRows:
-    """Python rows of an Arrow table, without the nulls Arrow writes for fields a row does not have."""
-    rows = [_without_nulls(row) for row in table.to_list()]
-    return rows, [origin.format(index + first) for index in range(len(rows))]
+    """Python rows of an Arrow table, one at a time, without the nulls Arrow writes for fields a row lacks."""
+    for index, row in enumerate(table):
+        yield _without_nulls(row), origin.format(index + first)
 
 
 def _without_nulls(value: Any) -> Any:
