@@ -92,6 +92,32 @@ def test_resumed_run_differs_when_not_resumed_from_checkpoint(random_model, toke
     assert any(not torch.equal(first[name], second[name]) for name in first)
 
 
+class _WritesAMarker:
+    """Unpickling this would create the marker file: what a malicious optimizer.pt could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(random_model, tokenizer, arithmetic, tmp_path):
+    """A checkpoint's optimizer.pt replaced by a pickle that would write a file: --resume stops with one line
+    naming the file, and the file is never written (the state loads with weights_only)."""
+    rows, _ = arithmetic
+    stop = threading.Event()
+    pipeline = polm.Pipeline(random_model, tokenizer=tokenizer, seed=0).add(
+        "sft", data=rows, max_steps=4, batch_size=4, eval_size=0, log_every=1, save_every=2)
+    pipeline.run(tmp_path / "run", on_log=lambda record: record["step"] == 2 and stop.set(), stop=stop)
+    marker = tmp_path / "marker"
+    torch.save(_WritesAMarker(marker), tmp_path / "run" / "00-sft" / "checkpoint-000002" / "optimizer.pt")
+    with pytest.raises(polm.PolmError, match=r"optimizer.pt: refused, it holds more than tensors") as raised:
+        pipeline.run(tmp_path / "run", resume=True)
+    assert "\n" not in str(raised.value)
+    assert not marker.exists()
+
+
 def test_sft_checkpoint_loads_with_plain_transformers_and_generates(random_model, tokenizer, arithmetic, tmp_path):
     """The final folder is a Hugging Face checkpoint: same logits, and it generates."""
     rows, test_rows = arithmetic

@@ -6,12 +6,16 @@ A checkpoint folder holds the model as ``save_pretrained`` writes it
 ``rng_state_<rank>.pt`` (one per process) and, for an on-policy stage in the
 middle of a generation batch, ``rollout_buffer.pt`` (each process's buffer and
 the updates it has made), so that a resumed run continues bit for bit.
+
+The training state is read with ``torch.load(weights_only=True)``: tensors, containers and plain values
+(and polm's own rollout records) only, so a checkpoint from elsewhere cannot run code when it is resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from contextlib import contextmanager
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polm.engine.errors import PolmError
 from polm.engine.quiet import no_transformers_progress
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -60,7 +65,11 @@ def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process, as tensors and plain values (NumPy's key as a tensor, so that the
+    state loads with ``weights_only``)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached_gaussian), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -68,10 +77,32 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state_file(path: Path) -> Any:
+    """``torch.load`` of a training-state file with ``weights_only``: tensors, containers, plain values and
+    polm's rollout records, nothing that runs code.
+
+    Raises:
+        PolmError: the file holds anything else (it is refused unread), or it is damaged.
+    """
+    from polm.engine.rl.rollout import Rollout
+
+    try:
+        with torch.serialization.safe_globals([Rollout]):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsupported = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
+        raise PolmError(f"{path}: refused, it holds more than tensors and plain values, which could run code "
+                        f"when loaded ({unsupported or 'not a weights-only file'}); resume only checkpoints "
+                        "polm wrote") from None
+    except (RuntimeError, EOFError) as error:
+        raise PolmError(f"{path}: cannot be read ({str(error).splitlines()[0]})") from None
 
 
 def save_training_state(
@@ -88,9 +119,9 @@ def save_training_state(
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> dict:
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(directory / f"rng_state_{rank}.pt", weights_only=False))
+    optimizer.load_state_dict(load_state_file(directory / "optimizer.pt"))
+    scheduler.load_state_dict(load_state_file(directory / "scheduler.pt"))
+    set_rng_state(load_state_file(directory / f"rng_state_{rank}.pt"))
     return json.loads((directory / STATE_FILE).read_text())
 
 
@@ -108,7 +139,7 @@ def save_rollout_buffers(directory: Path, states: list[dict[str, Any] | None]) -
 def load_rollout_buffer(directory: Path, rank: int) -> dict[str, Any] | None:
     """The buffer state process ``rank`` saved in ``directory``, or None."""
     path = directory / BUFFER_FILE
-    return torch.load(path, weights_only=False)[rank] if path.is_file() else None
+    return load_state_file(path)[rank] if path.is_file() else None
 
 
 def checkpoint_name(step: int) -> str:
