@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import threading
 
 import pytest
@@ -90,6 +91,30 @@ def test_resumed_run_differs_when_not_resumed_from_checkpoint(random_model, toke
     first = AutoModelForCausalLM.from_pretrained(one.checkpoint).state_dict()
     second = AutoModelForCausalLM.from_pretrained(two.checkpoint).state_dict()
     assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.parametrize("option", ["lr", "max_grad_norm", "warmup_ratio"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_option_values_are_refused_when_the_stage_is_added(option, value):
+    """YAML's .inf and .nan pass as floats; each is refused with one line naming the option (a NaN
+    max_grad_norm used to turn clipping off silently)."""
+    with pytest.raises(polm.PolmError, match=rf"option '{option}' must be a finite number, got {value}"):
+        polm.Pipeline("polm-tiny").add("sft", data="polm:arithmetic", **{option: value})
+
+
+def test_a_loss_that_is_not_finite_stops_the_stage_before_it_is_applied(random_model, tokenizer, arithmetic,
+                                                                        tmp_path):
+    """lr 1e30 without clipping: the first updates overflow the weights and within a few steps the loss is
+    not finite (step 3 here). The stage stops at that step, names it and the newest checkpoint (the step
+    before: a checkpoint every step), and writes no final model."""
+    rows, _ = arithmetic
+    pipeline = polm.Pipeline(random_model, tokenizer=tokenizer, seed=0).add(
+        "sft", data=rows, max_steps=6, batch_size=4, lr=1e30, max_grad_norm=0, eval_size=0, save_every=1)
+    with pytest.raises(polm.PolmError, match=r"the loss is not finite at step \d+ ") as raised:
+        pipeline.run(tmp_path / "run")
+    step, checkpoint = re.search(r"at step (\d+) .*checkpoint-(\d+)", str(raised.value)).groups()
+    assert int(checkpoint) == int(step) - 1 < 5
+    assert not (tmp_path / "run" / "00-sft" / "final").exists()
 
 
 class _WritesAMarker:

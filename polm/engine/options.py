@@ -7,6 +7,7 @@ A field's metadata says what the option means and which values it takes (see :cl
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -197,6 +198,8 @@ def parse_options(owner: str, options_class: type, raw: dict[str, Any]) -> Any:
             raise PolmError(
                 f"{owner}: option '{name}' must be {_type_name(hints[name])}, got {value!r}"
             ) from None
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise PolmError(f"{owner}: option '{name}' must be a finite number, got {values[name]}")
         try:
             check_constraints(name, values[name], constraints(options_class, name))
         except ValueError as error:

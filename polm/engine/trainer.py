@@ -211,6 +211,23 @@ def total_steps(options: StageOptions, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(options.epochs * micro_batches_per_epoch / options.grad_accum))
 
 
+def _stop_if_not_finite(accelerator: Accelerator, name: str, step: int, loss: float, stage_dir: Path) -> None:
+    """Stop the stage, before the optimizer applies anything of ``step``, when its loss is NaN or infinite on
+    any process (every process learns it, so none waits at the next collective).
+
+    Raises:
+        PolmError: naming the step and the newest checkpoint to resume from.
+    """
+    bad = not math.isfinite(loss)
+    if accelerator.num_processes > 1:
+        bad = bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item())
+    if bad:
+        checkpoint = latest_checkpoint(stage_dir)
+        raise PolmError(f"{name}: the loss is not finite at step {step} (this process: {loss}); the step was not "
+                        f"applied. Newest checkpoint: {checkpoint or 'none'}; lower lr or check the data, then "
+                        "resume")
+
+
 class _RowOrder:
     """Which rows make micro-batch ``m``: a fresh permutation each epoch, seeded."""
 
@@ -371,6 +388,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                         window[key].append(float(value))
                     window_tokens += tokens
                 window["loss"].append(step_loss)
+                _stop_if_not_finite(accelerator, name, step + 1, step_loss, stage_dir)
                 if accelerator.num_processes > 1:
                     for parameter in task.extra_parameters:
                         if parameter.grad is not None:
