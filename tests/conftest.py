@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,15 @@ def random_model(tokenizer):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def model_dir(random_model, tokenizer, tmp_path) -> Path:
+    """``random_model`` and its tokenizer saved as a folder, which recipes name as their model."""
+    path = tmp_path / "model"
+    random_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture

@@ -43,15 +43,6 @@ FAILING_RECIPES = {
 
 
 @pytest.fixture
-def model_dir(random_model, tokenizer, tmp_path) -> Path:
-    """``random_model`` and its tokenizer saved as a folder, which recipes name as their model."""
-    path = tmp_path / "model"
-    random_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def data_file(tmp_path) -> Path:
     """Eight arithmetic questions with answers, as JSONL."""
     rows = [{"prompt": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(1, 9)]

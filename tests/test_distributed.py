@@ -72,14 +72,6 @@ def _losses(stage_dir: Path) -> list[tuple[int, float]]:
     return [(record["step"], record["loss"]) for record in map(json.loads, lines) if "loss" in record]
 
 
-@pytest.fixture
-def model_dir(random_model, tokenizer, tmp_path) -> str:
-    folder = tmp_path / "model"
-    random_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_sft_then_dpo_on_two_processes_matches_one_process_at_the_same_global_batch(model_dir, arithmetic,
                                                                                      tmp_path):
     """2 processes x 4 rows against 1 x 8: both stages run (one process group for the whole pipeline), each
@@ -93,7 +85,7 @@ def test_sft_then_dpo_on_two_processes_matches_one_process_at_the_same_global_ba
     common = {"max_steps": 4, "lr": 1e-3, "eval_size": 0, "log_every": 1}
 
     def spec(batch_size: int, run: str) -> dict:
-        return {"model": model_dir, "run_dir": str(tmp_path / run),
+        return {"model": str(model_dir), "run_dir": str(tmp_path / run),
                 "stages": [("sft", {"data": rows, "batch_size": batch_size, **common}),
                            ("dpo", {"data": pairs, "batch_size": batch_size, **common, "lr": 2e-5})]}
 
@@ -117,7 +109,7 @@ def test_a_run_killed_on_two_processes_resumes_there_exactly(model_dir, arithmet
     rows, _ = arithmetic
     options = {"data": rows, "batch_size": 4, "max_steps": 5, "lr": 1e-3, "eval_size": 0, "log_every": 1,
                "save_every": 2}
-    spec = {"model": model_dir, "stages": [("sft", options)]}
+    spec = {"model": str(model_dir), "stages": [("sft", options)]}
     whole = _run(tmp_path, "whole", {**spec, "run_dir": str(tmp_path / "whole")}, processes=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     split = {**spec, "run_dir": str(tmp_path / "split")}
@@ -141,7 +133,7 @@ def test_grpo_finishes_when_one_process_drops_all_its_groups(model_dir, arithmet
     rows, _ = arithmetic
     options = {"data": rows[:8], "rewards": {"rank_dependent": 1.0}, "objective": "dapo", "batch_size": 2,
                "num_generations": 2, "max_new_tokens": 4, "max_steps": 2, "eval_size": 0, "log_every": 1}
-    run = _run(tmp_path, "grpo", {"model": model_dir, "run_dir": str(tmp_path / "grpo"),
+    run = _run(tmp_path, "grpo", {"model": str(model_dir), "run_dir": str(tmp_path / "grpo"),
                                   "stages": [("grpo", options)]}, processes=2)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "grpo" / "00-grpo" / "metrics.jsonl").read_text().splitlines()]

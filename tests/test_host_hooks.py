@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from tests.helpers import registered
 
 import polm
 from polm.engine import hookspecs
@@ -24,6 +23,7 @@ from polm.engine.cli import _parser, main
 from polm.engine.commands import Command
 from polm.engine.models import load_model
 from polm.engine.plugins import registry
+from tests.helpers import registered
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER_FILE = "made-by-test.txt"

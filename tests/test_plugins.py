@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from tests.helpers import registered
 
 import polm
 from polm.engine import hookspecs
@@ -24,6 +23,7 @@ from polm.engine.plugins import DEFAULT_PLUGINS, plugin_problems, registry
 from polm.engine.registry import COMPONENT_KINDS
 from polm.engine.stage import Stage, StageContext, StageOutput
 from polm.plugins.reasoning.rewards import accuracy_reward
+from tests.helpers import registered
 
 
 def problems_of(plugin_name: str) -> list[str]:

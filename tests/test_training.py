@@ -256,3 +256,38 @@ def test_sft_at_batch_8_and_at_batch_4_with_grad_accum_2_gives_the_same_gradient
     with pytest.raises(AssertionError):
         for averaged, full in zip((parameter.grad for parameter in parameters), whole):
             assert_close(averaged, full, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(model_dir, tmp_path):
+    """``polm run`` sent SIGTERM (a scheduler's preemption) once step 3 is logged: it checkpoints after the step
+    in progress and exits 143; ``--resume`` then ends with the weights of an uninterrupted run, bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\nseed: 0\nstages:\n  - name: sft\n    data: polm:arithmetic\n"
+                      "    max_steps: 20\n    batch_size: 4\n    eval_size: 0\n    log_every: 1\n")
+    command = [sys.executable, "-m", "polm.engine.cli", "run", str(recipe), "--output"]
+    whole = subprocess.run([*command, str(tmp_path / "whole")], capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    metrics = tmp_path / "split" / "00-sft" / "metrics.jsonl"
+    run = subprocess.Popen([*command, str(tmp_path / "split")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143 and "continue with" in stderr, stderr[-2000:]
+    assert list((tmp_path / "split" / "00-sft").glob("checkpoint-*"))
+    resumed = subprocess.run([*command, str(tmp_path / "split"), "--resume"], capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = load_file(tmp_path / "whole" / "00-sft" / "final" / "model.safetensors")
+    actual = load_file(tmp_path / "split" / "00-sft" / "final" / "model.safetensors")
+    assert all(torch.equal(actual[key], value) for key, value in expected.items())

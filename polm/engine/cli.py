@@ -79,6 +79,10 @@ def _run(arguments: argparse.Namespace) -> int:
     pipeline = recipe.pipeline()
     result = pipeline.run(output, resume=arguments.resume)
     _print_result(result, pipeline)
+    if result.interrupted:  # SIGTERM: checkpointed after the step in progress
+        print(f"polm: terminated; the last checkpoint is kept, continue with: polm run {arguments.recipe} "
+              f"--output {output} --resume", file=sys.stderr)
+        return 143
     return 0
 
 

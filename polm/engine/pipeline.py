@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from polm.engine.checkpoint import atomic_directory, checkpoint_processes, latest_checkpoint, save_model
 from polm.engine.distributed import on_main_process, process_state
@@ -150,7 +153,8 @@ class Pipeline:
             evaluate_before: also evaluate each stage's starting model (the
                 "before" column of ``polm quickstart``).
             on_log: receives every metrics record as it is written.
-            stop: set it (from another thread) to checkpoint and return early.
+            stop: set it (from another thread) to checkpoint and return early; SIGTERM sets it too, when the
+                run is in the main thread (see :func:`checkpoint_on_sigterm`).
 
         Raises:
             PolmError: before anything is written, if the folder holds another
@@ -162,6 +166,12 @@ class Pipeline:
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
         on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes), processes)
         stop = stop or threading.Event()
+        with checkpoint_on_sigterm(stop):
+            return self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
+
+    def _run_stages(self, output_dir: Path, resume: bool, evaluate_before: bool,
+                    on_log: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
+                    processes: PartialState) -> RunResult:
         model, tokenizer = load_model(self.model_spec, self.tokenizer)
         result = RunResult(output_dir)
         for index, stage in enumerate(self.stages):
@@ -216,6 +226,21 @@ class Pipeline:
             )
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
+
+
+@contextmanager
+def checkpoint_on_sigterm(stop: threading.Event) -> Iterator[None]:
+    """While the block runs, SIGTERM (what a cluster scheduler sends before preemption) sets ``stop``: the
+    training loop checkpoints after the current step and the run returns interrupted, to be resumed. Only
+    the main thread can take signals; elsewhere (the app's runs) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_resumable_by(output_dir: Path, processes: int) -> None:

@@ -218,14 +218,19 @@ def _stop_if_not_finite(accelerator: Accelerator, name: str, step: int, loss: fl
     Raises:
         PolmError: naming the step and the newest checkpoint to resume from.
     """
-    bad = not math.isfinite(loss)
-    if accelerator.num_processes > 1:
-        bad = bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item())
-    if bad:
+    if _any_process(accelerator, not math.isfinite(loss)):
         checkpoint = latest_checkpoint(stage_dir)
         raise PolmError(f"{name}: the loss is not finite at step {step} (this process: {loss}); the step was not "
                         f"applied. Newest checkpoint: {checkpoint or 'none'}; lower lr or check the data, then "
                         "resume")
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """``flag`` of any process, known to all (a stop asked for on one, by SIGTERM or an event, stops every one
+    after the same step, so they checkpoint together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0)
 
 
 class _RowOrder:
@@ -414,7 +419,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     window_tokens, window_start = 0, time.perf_counter()
                 if options.eval_every and step % options.eval_every == 0 and step < steps:
                     run_eval(step)
-                if context.stop.is_set() and step < steps:
+                if _any_process(accelerator, context.stop.is_set()) and step < steps:
                     save_checkpoint(step)
                     interrupted = True
                     break
