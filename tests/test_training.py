@@ -291,3 +291,20 @@ def test_sigterm_checkpoints_and_resume_equals_the_uninterrupted_run(model_dir, 
     expected = load_file(tmp_path / "whole" / "00-sft" / "final" / "model.safetensors")
     actual = load_file(tmp_path / "split" / "00-sft" / "final" / "model.safetensors")
     assert all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
+def test_keep_last_rotates_checkpoints_and_resume_uses_the_newest(random_model, tokenizer, arithmetic, tmp_path):
+    """save_every 1 with keep_last 2 over 6 steps, stopped after step 5: only checkpoints 4 and 5 remain; a
+    folder polm did not write (checkpoint-best) is ignored by --resume. transformers' name for the option,
+    save_total_limit, points to it."""
+    rows, _ = arithmetic
+    stop = threading.Event()
+    pipeline = polm.Pipeline(random_model, tokenizer=tokenizer, seed=0).add(
+        "sft", data=rows, max_steps=6, batch_size=4, eval_size=0, log_every=1, save_every=1, keep_last=2)
+    pipeline.run(tmp_path / "run", on_log=lambda record: record["step"] == 5 and stop.set(), stop=stop)
+    kept = sorted(path.name for path in (tmp_path / "run" / "00-sft").glob("checkpoint-*"))
+    assert kept == ["checkpoint-000004", "checkpoint-000005"]
+    (tmp_path / "run" / "00-sft" / "checkpoint-best").mkdir()
+    assert not pipeline.run(tmp_path / "run", resume=True).interrupted
+    with pytest.raises(polm.PolmError, match="unknown option 'save_total_limit'. Did you mean 'keep_last'?"):
+        polm.Pipeline("polm-tiny").add("sft", data="polm:arithmetic", save_total_limit=2)

@@ -146,10 +146,28 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def rotate_checkpoints(stage_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints of ``stage_dir`` (none when it is 0); the
+    newest is never deleted. Returns the deleted folders."""
+    if keep_last <= 0:
+        return []
+    complete = sorted(_complete_checkpoints(stage_dir), key=_checkpoint_step)
+    doomed = complete[: max(len(complete) - keep_last, 0)]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed
+
+
+def _complete_checkpoints(stage_dir: Path) -> list[Path]:
+    return [path for path in Path(stage_dir).glob(f"{CHECKPOINT_PREFIX}*")
+            if path.is_dir() and (path / STATE_FILE).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()]
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``stage_dir`` (temporary folders are ignored)."""
-    candidates = [
-        path for path in Path(stage_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and (path / STATE_FILE).is_file()
-    ]
-    return max(candidates, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]), default=None)
+    """The newest complete checkpoint in ``stage_dir`` (temporary folders, and folders such as
+    ``checkpoint-best`` that polm does not write, are ignored)."""
+    return max(_complete_checkpoints(stage_dir), key=_checkpoint_step, default=None)

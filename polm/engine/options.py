@@ -68,6 +68,9 @@ class StageOptions:
         "help": "also save final/merged: the adapters merged into the base, a plain transformers model"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)", "min": 0})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)", "min": 0})
+    keep_last: int = field(default=0, metadata={
+        "help": "keep only the newest N checkpoints of the stage, deleting older ones as new ones are written "
+                "(0: keep all)", "min": 0, "aliases": ("save_total_limit",)})
     log_every: int = field(default=10, metadata={"help": "append metrics to metrics.jsonl every N steps", "min": 1})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on a GPU that supports it, else fp32), no, fp16, bf16", "choices": MIXED_PRECISION})

@@ -55,6 +55,7 @@ from polm.engine.checkpoint import (
     load_rollout_buffer,
     load_training_state,
     rng_state,
+    rotate_checkpoints,
     save_model,
     save_rollout_buffers,
     save_training_state,
@@ -342,6 +343,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                 save_rollout_buffers(directory, buffers)
                 if task.save_state is not None:
                     task.save_state(directory)
+            rotate_checkpoints(stage_dir, options.keep_last)
 
     def log(record: dict[str, Any]) -> None:
         if accelerator.is_main_process:
