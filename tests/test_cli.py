@@ -204,3 +204,19 @@ def test_run_trains_and_eval_scores_the_final_checkpoint(tmp_path, model_dir, da
     out = capsys.readouterr().out
     metrics = json.loads(out[out.index("{"):])
     assert 0.0 <= metrics["exact_match"] <= 1.0
+
+
+def test_a_run_that_fails_before_keeping_anything_does_not_block_the_corrected_rerun(tmp_path, model_dir, capsys):
+    """A data file whose second line is not JSON: exit 2 naming the line, and no output folder is left behind
+    (run.json used to be written first, so the rerun was refused as a non-empty folder); once the line is
+    fixed the same command runs."""
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "What is 1 + 2?", "answer": "3"})
+    data.write_text(good + "\n{not json\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path, model_dir, data)
+    output = tmp_path / "fresh-output"
+    assert main(["run", str(recipe), "--output", str(output)]) == 2
+    assert f"{data}:2: invalid JSON" in capsys.readouterr().err
+    assert not output.exists()
+    data.write_text(good + "\n" + good + "\n", encoding="utf-8")
+    assert main(["run", str(recipe), "--output", str(output)]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -15,7 +16,13 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from polm.engine.checkpoint import atomic_directory, checkpoint_processes, latest_checkpoint, save_model
+from polm.engine.checkpoint import (
+    CHECKPOINT_PREFIX,
+    atomic_directory,
+    checkpoint_processes,
+    latest_checkpoint,
+    save_model,
+)
 from polm.engine.distributed import on_main_process, process_state
 from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
@@ -164,10 +171,16 @@ class Pipeline:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
+        existed = output_dir.exists()
         on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes), processes)
         stop = stop or threading.Event()
-        with checkpoint_on_sigterm(stop):
-            return self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
+        try:
+            with checkpoint_on_sigterm(stop):
+                return self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
+        except BaseException:
+            if not resume and processes.is_main_process:
+                _discard_if_nothing_kept(output_dir, existed)
+            raise
 
     def _run_stages(self, output_dir: Path, resume: bool, evaluate_before: bool,
                     on_log: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
@@ -226,6 +239,22 @@ class Pipeline:
             )
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
+
+
+def _discard_if_nothing_kept(output_dir: Path, existed: bool) -> None:
+    """After a run failed before it kept anything (no checkpoint, no final model), remove what it wrote
+    (``run.json``, stage folders with their metrics), so that the corrected rerun is not refused as a
+    non-empty folder. A folder the run did not create is emptied, not removed."""
+    if any(output_dir.glob(f"*/{CHECKPOINT_PREFIX}*")) or any(output_dir.glob(f"*/{FINAL_DIR}")):
+        return
+    if not existed:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    for path in output_dir.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @contextmanager
