@@ -66,8 +66,9 @@ class AssistantFrame:
     closing: str
 
 
-def assistant_frame(tokenizer: Any, context: list[Row]) -> AssistantFrame:
-    """The :class:`AssistantFrame` of an assistant message that follows ``context`` (string contents).
+def assistant_frame(tokenizer: Any, context: list[Row], prompt: str | None = None) -> AssistantFrame:
+    """The :class:`AssistantFrame` of an assistant message that follows ``context`` (string contents);
+    ``prompt`` is ``context`` rendered with its generation prompt, where the caller has it already.
 
     The turn is rendered with a sentinel for its content. Its opening is what follows, in that rendering,
     the last occurrence of the generation prompt's own text (its header, ``<|im_start|>assistant\n``; for a
@@ -86,7 +87,8 @@ def assistant_frame(tokenizer: Any, context: list[Row]) -> AssistantFrame:
     before, closing = turn.split(sentinel, 1)
     if not context:
         return AssistantFrame("", "", closing)
-    prompt = render_text(tokenizer, context, add_generation_prompt=True)
+    if prompt is None:
+        prompt = render_text(tokenizer, context, add_generation_prompt=True)
     header = prompt[len(os.path.commonprefix([prompt, render_text(tokenizer, context, add_generation_prompt=False)])):]
     anchor = header or next(iter(_atoms(tokenizer, prompt)[-1:]), "")
     at = before.rfind(anchor) if anchor else -1

@@ -63,14 +63,20 @@ def encode_each(rows: Sequence[Row], encode: Callable[[Row], Encoded]) -> list[E
     Raises:
         PolmError: ``encode`` failed on a row; the message starts with where the row came from.
     """
-    encoded = []
-    for index, row in enumerate(rows):
-        try:
-            encoded.append(encode(row))
-        except PolmError as error:
-            where = rows.where(index) if isinstance(rows, Rows) else f"row {index}"
-            raise PolmError(f"{where}: {error}") from None
-    return encoded
+    return [encode_at(row, rows.where(index) if isinstance(rows, Rows) else f"row {index}", encode)
+            for index, row in enumerate(rows)]
+
+
+def encode_at(row: Row, where: str, encode: Callable[[Row], Encoded]) -> Encoded:
+    """``encode(row)``; an error starts with ``where`` the row came from.
+
+    Raises:
+        PolmError: ``encode`` failed on the row.
+    """
+    try:
+        return encode(row)
+    except PolmError as error:
+        raise PolmError(f"{where}: {error}") from None
 
 
 @dataclass

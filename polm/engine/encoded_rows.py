@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from polm.engine import chat_template, data, encoding
-from polm.engine.data import Row, bundled_name, encode_each, iter_rows, load_rows
-from polm.engine.encoding import Encoded, keep_rows_that_fit
+from polm.engine.data import Row, bundled_name, encode_at, encode_each, iter_rows, load_rows
+from polm.engine.encoding import Encoded, keep_rows_that_fit, report_rows_that_fit
 from polm.engine.errors import PolmError
-from polm.engine.log import get_logger
 
 
 class EncodedRows(Sequence[Encoded]):
@@ -57,10 +56,7 @@ def encoded_rows(owner: str, spec: Any, columns: dict[str, str] | None, tokenize
     def examples() -> Iterator[dict[str, Any]]:
         for row, where in iter_rows(spec, "train", columns):
             counts["rows"] += 1
-            try:
-                example = encode(row)
-            except PolmError as error:
-                raise PolmError(f"{where}: {error}") from None
+            example = encode_at(row, where, encode)
             if example is not None:
                 counts["kept"] += 1
                 yield {"input_ids": example.input_ids, "labels": example.labels, "media": json.dumps(example.media)}
@@ -76,12 +72,8 @@ def encoded_rows(owner: str, spec: Any, columns: dict[str, str] | None, tokenize
         if isinstance(error.__cause__, PolmError):
             raise PolmError(str(error.__cause__)) from None
         raise
-    if len(table) == 0:
-        raise PolmError(f"{owner}: no row of data keeps a completion token within max_length={max_length}; "
-                        "raise max_length or shorten the prompts")
-    if counts["rows"] > counts["kept"]:  # counted only when the table was written, not when the cache served it
-        get_logger().warning(f"{owner}: {counts['rows'] - counts['kept']} of {counts['rows']} rows of data keep no "
-                             f"completion token within max_length={max_length} and were skipped")
+    # Counted only when the table was written; served from the cache, only an empty table is reported.
+    report_rows_that_fit(owner, counts["rows"] or len(table), len(table), max_length)
     return EncodedRows(table)
 
 

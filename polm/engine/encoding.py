@@ -186,18 +186,20 @@ def encode_completion(tokenizer: Any, prompt: str | list[Row], completion: str) 
     the generation prompt already ends with (DeepSeek-R1-Distill's ``<think>\n``) is not written twice
     when the completion starts with it.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
         context = _with_markers(as_messages(prompt))
-        frame = assistant_frame(tokenizer, context)
+        prompt_text = render_text(tokenizer, context, add_generation_prompt=True)
+        prompt_ids = _tokenize(tokenizer, prompt_text)  # what encode_prompt gives
+        frame = assistant_frame(tokenizer, context, prompt_text)
         if frame.prompt_extra and completion.startswith(frame.prompt_extra):
             completion = completion[len(frame.prompt_extra):]
         answer = frame.opening + completion + frame.closing
-        full_ids = _tokenize(tokenizer, render_text(tokenizer, context, add_generation_prompt=True) + answer)
+        full_ids = _tokenize(tokenizer, prompt_text + answer)
         # Tokenized together, the prompt keeps its own ids unless a token joins its end to the answer.
         together = full_ids[: len(prompt_ids)] == prompt_ids
         completion_ids = full_ids[len(prompt_ids):] if together else _tokenize(tokenizer, answer)
     else:
+        prompt_ids = encode_prompt(tokenizer, prompt)
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return _with_media(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
                        media_parts(prompt))
@@ -286,10 +288,20 @@ def keep_rows_that_fit(owner: str, encoded: Sequence[EncodedRow | None], max_len
         PolmError: no row keeps a completion token.
     """
     kept = [row for row in encoded if row is not None]
+    report_rows_that_fit(owner, len(encoded), len(kept), max_length, what)
+    return kept
+
+
+def report_rows_that_fit(owner: str, rows: int, kept: int, max_length: int, what: str = "data") -> None:
+    """The messages of :func:`keep_rows_that_fit` for ``kept`` of ``rows`` rows: an error when none is kept,
+    one warning counting the skipped ones.
+
+    Raises:
+        PolmError: no row keeps a completion token.
+    """
     if not kept:
         raise PolmError(f"{owner}: no row of {what} keeps a completion token within max_length={max_length}; "
                         "raise max_length or shorten the prompts")
-    if len(kept) < len(encoded):
-        get_logger().warning(f"{owner}: {len(encoded) - len(kept)} of {len(encoded)} rows of {what} keep no "
+    if kept < rows:
+        get_logger().warning(f"{owner}: {rows - kept} of {rows} rows of {what} keep no "
                              f"completion token within max_length={max_length} and were skipped")
-    return kept
