@@ -13,13 +13,20 @@ MAX_NEW_TOKENS = 8
 
 
 def test_dpo_ranks_held_out_pairs_without_losing_exact_match(short_sft_run, seed, tmp_path, record_property):
-    """DPO on polm:arithmetic-prefs from the short SFT (``short_sft_run``): held-out reward accuracy reaches 0.8
-    and exact_match on the same 300 questions drops by at most 2 points.
+    """DPO on polm:arithmetic-prefs from the short SFT (``short_sft_run``): held-out reward accuracy reaches 0.7
+    (chance is 0.5; it starts at 0.0 because the policy's and the reference's rewards tie) and exact_match on the
+    same 300 questions drops by at most 2 points.
 
-    Measured at one thread: reward_accuracy 0.837 / 0.827 / 0.840 and exact_match 27.3% -> 30.7%, 36.3% ->
-    39.0%, 38.0% -> 42.3% at seeds 0 / 1 / 2. At 200 steps: 0.780 and 0.773 (seeds 0 and 1). From the converged quickstart model (84-88%) the same
-    recipe lost 3.0-3.3 points of exact_match and ranked 0.75-0.84 of the pairs; lr 3e-5 to 5e-5, beta 5 or an
-    NLL term on the chosen answers (nll_weight 1) still lost 0.7-2.3 points or ranked under 0.75.
+    Measured on two CPUs. Intel Xeon (Sapphire Rapids), one thread: reward_accuracy 0.837 / 0.827 / 0.840 and
+    exact_match 27.3% -> 30.7%, 36.3% -> 39.0%, 38.0% -> 42.3% at seeds 0 / 1 / 2. AMD EPYC, two threads, seed 0
+    (CI, twice, identical): 0.773 and 27.3% -> 32.7%; the same machine at 600 steps: 0.787 / 0.830 / 0.813 at
+    seeds 0 / 1 / 2 (0.697 / 0.707 / 0.760 at 200 steps). The ranking plateaus near 0.8 because the rejected
+    answers are near misses that only a model which can add tells apart, and the short SFT adds only a third
+    of the questions right; a threshold of 0.8, set from the Intel runs alone, failed CI on the AMD machine.
+    0.7 sits 0.07 under the worst of those runs, while the effect (0.27 or more above chance) is four times
+    their spread. From the converged quickstart model (84-88%) the same recipe lost 3.0-3.3 points of
+    exact_match and ranked 0.75-0.84 of the pairs; lr 3e-5 to 5e-5, beta 5 or an NLL term on the chosen
+    answers (nll_weight 1) still lost 0.7-2.3 points or ranked under 0.75.
     """
     result = polm.Pipeline(str(short_sft_run.checkpoint), seed=seed).add("dpo", **DPO_RECIPE).run(
         tmp_path / "run", evaluate_before=True)
@@ -30,7 +37,7 @@ def test_dpo_ranks_held_out_pairs_without_losing_exact_match(short_sft_run, seed
     for metric in ("reward_accuracy", "exact_match"):
         record_property(f"{metric}_before", before[metric])
         record_property(f"{metric}_after", after[f"eval/{metric}"])
-    assert after["eval/reward_accuracy"] >= 0.8, figures
+    assert after["eval/reward_accuracy"] >= 0.7, figures
     assert after["eval/exact_match"] >= before["exact_match"] - 0.02, figures
 
 
