@@ -17,14 +17,18 @@ def test_dpo_ranks_held_out_pairs_without_losing_exact_match(short_sft_run, seed
     (chance is 0.5; it starts at 0.0 because the policy's and the reference's rewards tie) and exact_match on the
     same 300 questions drops by at most 2 points.
 
-    Measured on two CPUs. Intel Xeon (Sapphire Rapids), one thread: reward_accuracy 0.837 / 0.827 / 0.840 and
-    exact_match 27.3% -> 30.7%, 36.3% -> 39.0%, 38.0% -> 42.3% at seeds 0 / 1 / 2. AMD EPYC, two threads, seed 0
-    (CI, twice, identical): 0.773 and 27.3% -> 32.7%; the same machine at 600 steps: 0.787 / 0.830 / 0.813 at
-    seeds 0 / 1 / 2 (0.697 / 0.707 / 0.760 at 200 steps). The ranking plateaus near 0.8 because the rejected
-    answers are near misses that only a model which can add tells apart, and the short SFT adds only a third
-    of the questions right; a threshold of 0.8, set from the Intel runs alone, failed CI on the AMD machine.
-    0.7 sits 0.07 under the worst of those runs, while the effect (0.27 or more above chance) is four times
-    their spread. From the converged quickstart model (84-88%) the same recipe lost 3.0-3.3 points of
+    Measured on two CPUs with this recipe (400 steps, cosine schedule). Intel Xeon (Sapphire Rapids), one
+    thread: reward_accuracy 0.837 / 0.827 / 0.840 and exact_match 27.3% -> 30.7%, 36.3% -> 39.0%, 38.0% ->
+    42.3% at seeds 0 / 1 / 2. AMD EPYC, two threads, seed 0 only (CI and a fresh clone, identical): 0.773,
+    exact_match 27.3% -> 32.7%. A 600-step run on the AMD machine (another schedule, so not this recipe's
+    figures) ranked 0.787 / 0.830 / 0.813 at seeds 0 / 1 / 2: more steps do not lift seed 0 clear of 0.8.
+    The ranking levels off near 0.8 because the rejected answers are near misses, which only a model that can
+    add tells apart, and the short SFT answers about a third of the questions right. A threshold of 0.8, set
+    from the Intel runs alone, failed CI on the AMD machine; 0.7 sits 0.07 under the worst run, and the effect
+    (0.27 or more above chance) is four times the spread. Not yet measured with this recipe: AMD seeds 1 and
+    2, and two threads on Intel.
+
+    From the converged quickstart model (84-88%) the same recipe lost 3.0-3.3 points of
     exact_match and ranked 0.75-0.84 of the pairs; lr 3e-5 to 5e-5, beta 5 or an NLL term on the chosen
     answers (nll_weight 1) still lost 0.7-2.3 points or ranked under 0.75.
     """
