@@ -128,15 +128,19 @@ class _WritesAMarker:
 
 
 def test_resume_refuses_a_checkpoint_file_that_would_run_code(random_model, tokenizer, arithmetic, tmp_path):
-    """A checkpoint's optimizer.pt replaced by a pickle that would write a file: --resume stops with one line
-    naming the file, and the file is never written (the state loads with weights_only)."""
+    """A checkpoint's optimizer.pt replaced by a pickle that would write a file, its manifest updated to match
+    (a crafted checkpoint, not a damaged one): --resume stops with one line naming the file, and the file is
+    never written (the state loads with weights_only)."""
     rows, _ = arithmetic
     stop = threading.Event()
     pipeline = polm.Pipeline(random_model, tokenizer=tokenizer, seed=0).add(
         "sft", data=rows, max_steps=4, batch_size=4, eval_size=0, log_every=1, save_every=2)
     pipeline.run(tmp_path / "run", on_log=lambda record: record["step"] == 2 and stop.set(), stop=stop)
-    marker = tmp_path / "marker"
-    torch.save(_WritesAMarker(marker), tmp_path / "run" / "00-sft" / "checkpoint-000002" / "optimizer.pt")
+    marker, checkpoint = tmp_path / "marker", tmp_path / "run" / "00-sft" / "checkpoint-000002"
+    torch.save(_WritesAMarker(marker), checkpoint / "optimizer.pt")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = (checkpoint / "optimizer.pt").stat().st_size
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(polm.PolmError, match=r"optimizer.pt: refused, it holds more than tensors") as raised:
         pipeline.run(tmp_path / "run", resume=True)
     assert "\n" not in str(raised.value)

@@ -49,11 +49,11 @@ from rich.progress import (
 from transformers import get_scheduler
 
 from polm.engine.checkpoint import (
-    atomic_directory,
-    checkpoint_name,
+    checkpoint_directory,
     latest_checkpoint,
     load_rollout_buffer,
     load_training_state,
+    remove_stale_temporaries,
     rng_state,
     rotate_checkpoints,
     save_model,
@@ -275,10 +275,19 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """On resume, forget what the interrupted run logged after its checkpoint."""
+    """On resume, forget what the interrupted run logged after its checkpoint, and the half-written last line
+    a kill can leave."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; infinite for one that does not parse (cut short by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _progress(name: str, enabled: bool) -> Progress:
@@ -321,15 +330,20 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         source = SupervisedSteps(task, accelerator)
 
     start = 0
-    checkpoint = latest_checkpoint(stage_dir) if context.resume else None
+    checkpoint = None
+    if context.resume:
+        if accelerator.is_main_process:
+            remove_stale_temporaries(stage_dir)
+        accelerator.wait_for_everyone()
+        checkpoint = latest_checkpoint(stage_dir, report=accelerator.is_main_process)
     if checkpoint is not None:
         tuning.load_weights(accelerator.unwrap_model(model), checkpoint)
         start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
         source.load_state(load_rollout_buffer(checkpoint, accelerator.process_index))
         if task.load_state is not None:
             task.load_state(checkpoint)
-        if accelerator.is_main_process:
-            _drop_metrics_after(metrics_path, start)
+    if context.resume and accelerator.is_main_process:
+        _drop_metrics_after(metrics_path, start)  # also when killed before the first checkpoint: start is 0
     if accelerator.log_with:
         accelerator.init_trackers(name)
 
@@ -337,7 +351,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         accelerator.wait_for_everyone()
         rng_states, buffers = gather_object([rng_state()]), gather_object([source.state()])  # one per process
         if accelerator.is_main_process:
-            with atomic_directory(stage_dir / checkpoint_name(step)) as directory:
+            with checkpoint_directory(stage_dir, step) as directory:
                 save_model(accelerator.unwrap_model(model), context.tokenizer, directory)
                 save_training_state(directory, step, optimizer, scheduler, rng_states, {"stage": name})
                 save_rollout_buffers(directory, buffers)
