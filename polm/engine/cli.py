@@ -67,6 +67,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field, e.g. stages.0.lr=1e-4 (repeatable)")
     parser.add_argument("--output", help="run folder (default: the recipe's output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="with --resume, go on although the recipe differs from the run's (otherwise refused)")
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -77,7 +79,7 @@ def _run(arguments: argparse.Namespace) -> int:
     if output is None:
         raise PolmError(f"{arguments.recipe}: no output folder; set 'output_dir' in the recipe or pass --output")
     pipeline = recipe.pipeline()
-    result = pipeline.run(output, resume=arguments.resume)
+    result = pipeline.run(output, resume=arguments.resume, accept_changes=arguments.accept_changes)
     _print_result(result, pipeline)
     if result.interrupted:  # SIGTERM: checkpointed after the step in progress
         print(f"polm: terminated; the last checkpoint is kept, continue with: polm run {arguments.recipe} "

@@ -70,6 +70,22 @@ class RunResult:
         return self.stages[-1].checkpoint if self.stages else None
 
 
+def _parse_stage_options(name: str, options: dict[str, Any], position: int | None) -> Any:
+    """The stage's options (its tuning method's parsed too), validated field by field but not yet checked as a
+    whole (:meth:`Stage.check`)."""
+    from polm.engine.plugins import registry
+
+    where = f"stage {position} '{name}'" if position is not None else f"stage '{name}'"
+    if not isinstance(name, str):
+        raise PolmError(f"stage {position}: 'name' must be a string, got {name!r}")
+    parsed = parse_options(where, registry("stages").get(name).Options, options)
+    if hasattr(parsed, "tuning"):
+        method = registry("tuning_methods").get(parsed.tuning)
+        parsed.tuning_options = parse_options(f"{where} tuning '{parsed.tuning}'", method.Options,
+                                              parsed.tuning_options)
+    return parsed
+
+
 def build_stage(name: str, options: dict[str, Any], position: int | None = None) -> Stage:
     """Look up a stage by name and validate its options (including the tuning method's).
 
@@ -79,16 +95,10 @@ def build_stage(name: str, options: dict[str, Any], position: int | None = None)
     from polm.engine.plugins import registry
 
     where = f"stage {position} '{name}'" if position is not None else f"stage '{name}'"
-    if not isinstance(name, str):
-        raise PolmError(f"stage {position}: 'name' must be a string, got {name!r}")
-    stage_class = registry("stages").get(name)
-    parsed = parse_options(where, stage_class.Options, options)
+    parsed = _parse_stage_options(name, options, position)
     if hasattr(parsed, "tuning"):
-        method = registry("tuning_methods").get(parsed.tuning)
-        parsed.tuning_options = parse_options(f"{where} tuning '{parsed.tuning}'", method.Options,
-                                              parsed.tuning_options)
-        method.check(parsed.tuning_options)
-    stage = stage_class(name, parsed)
+        registry("tuning_methods").get(parsed.tuning).check(parsed.tuning_options)
+    stage = registry("stages").get(name)(name, parsed)
     try:
         stage.check()
     except PolmError as error:
@@ -150,6 +160,7 @@ class Pipeline:
         evaluate_before: bool = False,
         on_log: Callable[[dict[str, Any]], None] | None = None,
         stop: threading.Event | None = None,
+        accept_changes: bool = False,
     ) -> RunResult:
         """Run every stage, writing checkpoints and metrics under ``output_dir``.
 
@@ -162,17 +173,22 @@ class Pipeline:
             on_log: receives every metrics record as it is written.
             stop: set it (from another thread) to checkpoint and return early; SIGTERM sets it too, when the
                 run is in the main thread (see :func:`checkpoint_on_sigterm`).
+            accept_changes: with ``resume``, go on even if this pipeline's recipe differs from the run's
+                (``run.json`` then records this one). Without it such a resume is refused, naming each
+                difference, except for the changes a resume may make (``save_every``, ``keep_last``,
+                ``log_every``, and a larger ``max_steps`` of a constant-schedule stage, which then trains
+                exactly the extra steps).
 
         Raises:
             PolmError: before anything is written, if the folder holds another
-                run and ``resume`` is false, or the folder's run differs from this one.
+                run and ``resume`` is false, or the folder's run differs from this one (see ``accept_changes``).
         """
         if not self.stages:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
         existed = output_dir.exists()
-        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes), processes)
+        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes), processes)
         stop = stop or threading.Event()
         try:
             with checkpoint_on_sigterm(stop):
@@ -194,7 +210,7 @@ class Pipeline:
             before = stage.evaluate(model, tokenizer) if evaluate_before else None
             torch.manual_seed(self.seed + index)  # adapters initialise from the pipeline seed
             model = stage.prepare(model)
-            if resume and (final_dir / STAGE_FILE).is_file():
+            if resume and (final_dir / STAGE_FILE).is_file() and not _extended(stage, final_dir):
                 if stage.trains_policy:
                     tuning_method(stage.options).load_weights(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
@@ -221,7 +237,34 @@ class Pipeline:
                 model = starting  # its final/ holds a side model; the next stage continues from the policy
         return result
 
-    def _claim(self, output_dir: Path, resume: bool, processes: int) -> None:
+    def _changes_from(self, previous: dict[str, Any], output_dir: Path) -> list[str]:
+        """What this pipeline changes in the run ``previous`` (its ``run.json``), one phrase per option, leaving
+        out what a resume may change: :data:`CHANGEABLE_ON_RESUME`, and a larger ``max_steps`` that
+        :func:`_extension_problem` allows (the stage then trains the extra steps)."""
+        description = _jsonable(self.describe())
+        changes = [f"{key} {previous.get(key)!r} -> {description[key]!r}" for key in ("model", "seed")
+                   if previous.get(key) != description[key]]
+        for index, (raw, stage) in enumerate(zip(previous["stages"], self.stages)):
+            where = f"stage {index} '{stage.name}'"
+            try:
+                before = _jsonable(asdict(_parse_stage_options(raw["name"], _without_name(raw), index)))
+            except PolmError as error:
+                changes.append(f"{where}: the run's own options no longer validate ({error})")
+                continue
+            after = _jsonable(asdict(stage.options))
+            for key in sorted(before.keys() | after.keys()):
+                if key in CHANGEABLE_ON_RESUME or before.get(key) == after.get(key):
+                    continue
+                change = f"{where} {key} {before.get(key)!r} -> {after.get(key)!r}"
+                if key == "max_steps":
+                    problem = _extension_problem(before, after, output_dir, index)
+                    if problem is None:
+                        continue
+                    change += f" ({problem})"
+                changes.append(change)
+        return changes
+
+    def _claim(self, output_dir: Path, resume: bool, processes: int, accept_changes: bool) -> None:
         run_file = output_dir / RUN_FILE
         description = self.describe()
         if resume:
@@ -230,7 +273,14 @@ class Pipeline:
             previous = json.loads(run_file.read_text())
             if [s["name"] for s in previous["stages"]] != [s["name"] for s in description["stages"]]:
                 raise PolmError(f"--resume: {output_dir} holds a run with other stages; resume it with its own recipe")
+            changes = self._changes_from(previous, output_dir)
+            if changes and not accept_changes:
+                raise PolmError(
+                    f"--resume: this recipe differs from the run in {output_dir} ({RUN_FILE}): {'; '.join(changes)}. "
+                    "Resume with the run's own recipe, start a new --output, or pass --accept-changes to go on "
+                    "under this one")
             _check_resumable_by(output_dir, processes)
+            run_file.write_text(json.dumps(_jsonable(description), indent=2))  # the recipe the run now follows
             return
         if output_dir.exists() and any(output_dir.iterdir()):
             raise PolmError(
@@ -239,6 +289,36 @@ class Pipeline:
             )
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
+
+
+#: Options a resume may change: they decide what is logged and kept, not what is trained.
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "keep_last", "log_every"})
+
+
+def _without_name(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in raw.items() if key != "name"}
+
+
+def _extension_problem(before: dict[str, Any], after: dict[str, Any], output_dir: Path, index: int) -> str | None:
+    """Why stage ``index`` cannot go from ``before``'s ``max_steps`` to ``after``'s by training the extra steps
+    (None when it can): the steps already trained must be the first steps of the longer run, so the
+    learning rate may not depend on the total (a ``constant`` schedule), and no later stage may have started
+    from the shorter stage's model."""
+    if not before["max_steps"] or after["max_steps"] < before["max_steps"]:
+        return "only a larger max_steps, of a stage that has one, continues the run"
+    if after["lr_scheduler"] != "constant":
+        return (f"the '{after['lr_scheduler']}' schedule would give the steps already trained other learning "
+                "rates; only a constant schedule extends")
+    later = [path.name for path in sorted(output_dir.glob("[0-9][0-9]-*")) if int(path.name[:2]) > index]
+    if later:
+        return f"{later[0]} has already started from this stage's model"
+    return None
+
+
+def _extended(stage: Stage, final_dir: Path) -> bool:
+    """Whether the finished stage whose model is in ``final_dir`` is now to train more steps than it did."""
+    finished = json.loads((final_dir / STAGE_FILE).read_text())["options"].get("max_steps") or 0
+    return bool(finished) and (getattr(stage.options, "max_steps", 0) or 0) > finished
 
 
 def _discard_if_nothing_kept(output_dir: Path, existed: bool) -> None:

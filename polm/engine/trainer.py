@@ -439,8 +439,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     save_checkpoint(step)
                     interrupted = True
                     break
-                if options.save_every and step % options.save_every == 0 and step < steps:
-                    save_checkpoint(step)
+                if options.save_every and (step % options.save_every == 0 or step == steps):
+                    save_checkpoint(step)  # the last step's too: a larger max_steps continues from it
         except KeyboardInterrupt:
             if step > start:
                 save_checkpoint(step)  # Ctrl-C keeps the work done; --resume continues from here
