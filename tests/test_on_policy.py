@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import polm
@@ -30,6 +25,7 @@ from polm.plugins.alignment.ppo import PPOOptions, ValueHead
 from polm.plugins.alignment.ppo.stage import PPOStep
 from polm.plugins.reasoning.grpo import GRPOOptions
 from polm.plugins.reasoning.grpo.stage import GRPOStep
+from tests.helpers import final_tensors, run_in_child
 
 
 def test_an_update_is_cut_into_micro_batches_that_carry_their_weight():
@@ -131,37 +127,6 @@ def test_ppo_with_grad_accum_2_gives_the_gradient_of_the_whole_minibatch(random_
     _assert_same_gradients(gradients(2), gradients(1))
 
 
-# A run in a child process that SIGKILLs itself when the record of a chosen step is logged: the step after a
-# checkpoint, so the checkpoint is the newest one and the step's own work is lost, as in a crash.
-CHILD = """
-import json, os, signal, sys
-os.environ["POLM_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-import torch
-spec = json.loads(open(sys.argv[1]).read())
-torch.set_num_threads(spec["threads"])
-import polm
-
-def on_log(record):
-    if record["step"] == spec["kill_at"] and "loss" in record:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-pipeline = polm.Pipeline(spec["model"], seed=0).add(spec["stage"], **spec["options"])
-pipeline.run(spec["run_dir"], resume=spec["resume"], on_log=on_log)
-"""
-
-
-def _child(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({**spec, "threads": torch.get_num_threads()}))
-    return subprocess.run([sys.executable, "-c", CHILD, str(spec_file)], capture_output=True, text=True,
-                          timeout=300, check=False, env={**os.environ, "POLM_DISABLE_PLUGIN_AUTOLOAD": "1"})
-
-
-def _tensors(stage_dir: Path) -> dict[str, torch.Tensor]:
-    return {f"{file.relative_to(stage_dir)}/{key}": tensor for file in sorted(stage_dir.rglob("*.safetensors"))
-            if "checkpoint-" not in str(file) for key, tensor in load_file(file).items()}
-
-
 @pytest.mark.parametrize("stage, options", [
     ("grpo", {"num_generations": 4, "num_iterations": 2, "beta": 0.04, "objective": "dapo"}),
     ("ppo", {"samples": 2, "ppo_epochs": 2, "grad_accum": 2}),
@@ -177,18 +142,18 @@ def test_a_run_killed_between_two_updates_of_a_generation_batch_resumes_exactly(
     options = {"data": arithmetic[0][:16], "rewards": {"length": 1.0}, "batch_size": 2, "max_new_tokens": 6,
                "max_steps": 4, "lr": 1e-3, "log_every": 1, "eval_size": 0, "save_every": 1, **options}
     polm.Pipeline(str(model_dir), seed=0).add(stage, **options).run(tmp_path / "whole")
-    spec = {"model": str(model_dir), "stage": stage, "options": options, "run_dir": str(tmp_path / "split")}
+    spec = {"model": str(model_dir), "stages": [[stage, options]], "run_dir": str(tmp_path / "split")}
 
-    killed = _child(tmp_path, {**spec, "kill_at": 2, "resume": False})
+    killed = run_in_child(tmp_path, {**spec, "kill_at": [f"00-{stage}", 2], "resume": False})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     stage_dir = tmp_path / "split" / f"00-{stage}"
     assert sorted(path.name for path in stage_dir.glob("checkpoint-*")) == ["checkpoint-000001"]
     saved = torch.load(stage_dir / "checkpoint-000001" / "rollout_buffer.pt", weights_only=False)
     assert [state["done"] for state in saved] == [1], "killed between the two updates of a generation batch"
 
-    resumed = _child(tmp_path, {**spec, "kill_at": 0, "resume": True})
+    resumed = run_in_child(tmp_path, {**spec, "kill_at": None, "resume": True})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, actual = _tensors(tmp_path / "whole" / f"00-{stage}"), _tensors(stage_dir)
+    expected, actual = final_tensors(tmp_path / "whole" / f"00-{stage}"), final_tensors(stage_dir)
     assert actual.keys() == expected.keys() and expected
     for key, tensor in expected.items():
         assert torch.equal(actual[key], tensor), key

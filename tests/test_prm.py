@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -102,11 +103,11 @@ def test_prm_stage_rejects_malformed_rows_and_adapters(random_model, tokenizer, 
     with pytest.raises(polm.PolmError, match="'tuning' must be 'full' for prm"):
         polm.Pipeline().add("prm", data="polm:arithmetic-steps", tuning="lora")
     bad = [{"prompt": "What is 1 + 1?", "answer": "2", "steps": ["1 + 1 = 2"], "labels": [1, 1]}]
-    with pytest.raises(polm.PolmError, match=r"data row 0: field 'labels' must hold one 0 or 1 per step; got \[1, 1\] for 1 step"):
+    with pytest.raises(polm.PolmError, match=r"^row 0: field 'labels' must hold one 0 or 1 per step; got \[1, 1\] for 1 step"):
         polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=bad, max_steps=1).run(tmp_path / "run")
     missing = [{"prompt": "What is 1 + 1?", "completion": "<think>1 + 1 = 2</think>", "steps": ["1 + 1 = 3"],
                 "labels": [0]}]
-    with pytest.raises(polm.PolmError, match=r"data row 0: step 0 '1 \+ 1 = 3' is not in the completion; each step must "
+    with pytest.raises(polm.PolmError, match=r"^row 0: step 0 '1 \+ 1 = 3' is not in the completion; each step must "
                                              r"appear in field 'completion', in order"):
         polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=missing, max_steps=1).run(tmp_path / "run2")
 
@@ -152,3 +153,23 @@ def test_likelihood_prm_is_a_causal_lm_that_the_prm_reward_loads(random_model, t
                                                             max_steps=1).run(tmp_path / "again")
     with pytest.raises(polm.PolmError, match="'head' must be one of classifier, likelihood, got 'value'"):
         polm.Pipeline().add("prm", data=rows, head="value")
+
+
+def test_prm_trains_on_the_readmes_step_rows_and_names_the_file_line_of_a_bad_one(random_model, tokenizer, tmp_path):
+    """A JSONL file of ``{prompt, steps, labels}`` rows (the README's format, no ``completion``: the steps are
+    joined by the separator) trains the prm; a row whose labels do not match its steps is refused naming its
+    ``file:line`` and the field."""
+    rows = [{"prompt": "What is 12 + 7?", "steps": ["12 + 7 = 19", "<answer>19</answer>"], "labels": [1, 1]},
+            {"prompt": "What is 12 + 7?", "steps": ["12 + 7 = 18", "<answer>18</answer>"], "labels": [0, 0]}] * 4
+    data = tmp_path / "steps.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = polm.Pipeline(random_model, tokenizer=tokenizer).add(
+        "prm", data=str(data), eval_data=str(data), max_steps=2, batch_size=4, eval_size=8).run(tmp_path / "run")
+    assert 0.0 <= result.stages[0].metrics["eval/step_accuracy"] <= 1.0
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "labels": [0]}) + "\n")
+    with pytest.raises(polm.PolmError, match=rf"^{re.escape(str(bad))}:2: field 'labels' must hold one 0 or 1 per "
+                                             r"step; got \[0\] for 2 steps$"):
+        polm.Pipeline(random_model, tokenizer=tokenizer).add("prm", data=str(bad), max_steps=1).run(tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()

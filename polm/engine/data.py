@@ -12,7 +12,11 @@ format             keys                                        used by
 ``chat``           ``messages``: ``[{role, content}, ...]``     SFT (assistant turns)
 ``preference``     ``prompt``, ``chosen``, ``rejected``        DPO, reward models
 ``task``           ``prompt``, ``answer``                      evaluation, RL, SFT
+``steps``          ``prompt``, ``steps``, ``labels``           process reward models
 =================  ==========================================  ======================
+
+A ``steps`` row labels each step of a solution right (1) or wrong (0); an optional ``completion`` holds the
+solution text with the steps in order (by default they are joined by the stage's separator).
 
 A message's ``content`` is a string, or a list of parts
 (``{"type": "text", "text": ...}``, ``{"type": "image", "path": ...}``,
@@ -32,7 +36,7 @@ from typing import Any, TypeVar
 from polm.engine.errors import PolmError
 
 Row = dict[str, Any]
-ROW_FORMATS: tuple[str, ...] = ("text", "completion", "chat", "preference", "task")
+ROW_FORMATS: tuple[str, ...] = ("text", "completion", "chat", "preference", "task", "steps")
 ROLES = ("system", "user", "assistant")
 PART_TYPES = {"text": "text", "image": "path", "audio": "path"}
 BUNDLED_PREFIX = "polm:"
@@ -102,6 +106,8 @@ def row_format(row: Row) -> str:
     if "prompt" in row:
         if "chosen" in row and "rejected" in row:
             return "preference"
+        if "steps" in row and "labels" in row:  # before completion: a steps row may hold its solution text
+            return "steps"
         if "completion" in row:
             return "completion"
         if "answer" in row:
@@ -123,7 +129,8 @@ def validate_row(row: Any, where: str, base_dir: Path | None = None) -> Row:
     if not fmt:
         raise PolmError(
             f"{where}: cannot tell the row format from its fields {sorted(row)}; expected one of "
-            "{text} | {prompt, completion} | {messages} | {prompt, chosen, rejected} | {prompt, answer}"
+            "{text} | {prompt, completion} | {messages} | {prompt, chosen, rejected} | {prompt, answer} | "
+            "{prompt, steps, labels}"
         )
     row = dict(row)
     if fmt == "chat":
@@ -135,11 +142,25 @@ def validate_row(row: Any, where: str, base_dir: Path | None = None) -> Row:
             row["prompt"] = _validate_messages(row["prompt"], "prompt", where, base_dir)
         else:
             _expect_str(row["prompt"], "prompt", where)
+        if fmt == "steps":
+            _validate_steps(row, where)
+            return row
         for key in {"completion": ("completion",), "preference": ("chosen", "rejected"), "task": ("answer",)}[fmt]:
             if fmt == "task" and isinstance(row[key], (int, float)) and not isinstance(row[key], bool):
                 row[key] = str(row[key])
             _expect_str(row[key], key, where)
     return row
+
+
+def _validate_steps(row: Row, where: str) -> None:
+    steps, labels = row["steps"], row["labels"]
+    if not isinstance(steps, list) or not steps or not all(isinstance(step, str) for step in steps):
+        raise PolmError(f"{where}: field 'steps' must be a non-empty list of strings")
+    if not isinstance(labels, list) or len(labels) != len(steps) or any(label not in (0, 1) for label in labels):
+        raise PolmError(f"{where}: field 'labels' must hold one 0 or 1 per step; got {labels!r} for "
+                        f"{len(steps)} step{'s' * (len(steps) != 1)}")
+    if "completion" in row:
+        _expect_str(row["completion"], "completion", where)
 
 
 def _expect_str(value: Any, name: str, where: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -114,6 +115,11 @@ class MediaModel(torch.nn.Module):
 
     def tune_language_model(self, prepare: Callable[[torch.nn.Module], torch.nn.Module]) -> MediaModel:
         """Apply a tuning method to the language model (``prepare(lm) -> model to train``); connectors train too."""
+        raise NotImplementedError
+
+    def load_saved_weights(self, directory: Path) -> None:
+        """Load into this model, in place, the weights its ``save_pretrained(directory)`` wrote: what a resumed
+        run restores from a checkpoint or a finished stage (:func:`polm.engine.tuning.load_weights`)."""
         raise NotImplementedError
 
 

@@ -97,9 +97,15 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load the weights saved by ``model.save_pretrained(directory)`` into ``model`` in place.
 
     Handles plain transformers checkpoints (one or several safetensors files;
-    tied weights are saved once) and peft adapters. A stage loads through its tuning method
+    tied weights are saved once), peft adapters and media models (which know their own folder layout:
+    :meth:`~polm.engine.media.MediaModel.load_saved_weights`). A stage loads through its tuning method
     (:meth:`TuningMethod.load_weights`), which falls back to this.
     """
+    from polm.engine.media import MediaModel
+
+    if isinstance(model, MediaModel):
+        model.load_saved_weights(Path(directory))
+        return
     adapter_file = directory / "adapter_model.safetensors"
     if adapter_file.is_file():
         from peft import set_peft_model_state_dict

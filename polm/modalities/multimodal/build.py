@@ -8,14 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from polm.engine.errors import PolmError
 from polm.modalities.multimodal.encoder import build_encoder
 from polm.modalities.multimodal.model import (
     CONFIG_FILE,
-    CONNECTORS_FILE,
-    ENCODERS_FILE,
     LM_DIR,
     MultimodalModel,
 )
@@ -97,11 +94,5 @@ def load_multimodal(folder: str | Path, tokenizer: Any = None) -> tuple[Multimod
     encoders = {m: {"spec": e["spec"], **e["options"]} for m, e in config["encoders"].items()}
     connectors = {m: {"name": c["name"], **c["options"]} for m, c in config["connectors"].items()}
     model = build_multimodal(lm, encoders, connectors)
-    model.connectors.load_state_dict(load_file(folder / CONNECTORS_FILE))
-    if (folder / ENCODERS_FILE).is_file():
-        saved = load_file(folder / ENCODERS_FILE)
-        for modality, encoder in model.encoders.items():
-            state = {k[len(modality) + 1:]: v for k, v in saved.items() if k.startswith(f"{modality}.")}
-            if state:
-                encoder.load_state_dict(state)
+    model.load_media_weights(folder)
     return model.eval(), tokenizer

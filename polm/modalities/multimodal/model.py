@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from polm.engine.data import Row
 from polm.engine.errors import PolmError
@@ -197,3 +197,21 @@ class MultimodalModel(MediaModel):
         if kept:
             save_file(kept, directory / ENCODERS_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(self.describe(), indent=2))
+
+    def load_saved_weights(self, directory: Path) -> None:
+        """Load what :meth:`save_pretrained` wrote to ``directory`` into this model, in place: the language
+        model (or its adapter), the connectors and the encoders whose weights were saved."""
+        from polm.engine.tuning import load_weights
+
+        load_weights(self.lm, directory / LM_DIR)
+        self.load_media_weights(directory)
+
+    def load_media_weights(self, directory: Path) -> None:
+        """The connectors' and the saved encoders' weights from ``directory``, in place."""
+        self.connectors.load_state_dict(load_file(directory / CONNECTORS_FILE))
+        if (directory / ENCODERS_FILE).is_file():
+            saved = load_file(directory / ENCODERS_FILE)
+            for modality, encoder in self.encoders.items():
+                state = {k[len(modality) + 1:]: v for k, v in saved.items() if k.startswith(f"{modality}.")}
+                if state:
+                    encoder.load_state_dict(state)

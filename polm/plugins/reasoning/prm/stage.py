@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from polm.engine.data import Row
+from polm.engine.data import Row, Rows, row_format, validate_row
 from polm.engine.encoding import IGNORE_INDEX, keep_rows_that_fit, pad_batch, truncate
 from polm.engine.errors import PolmError
 from polm.engine.option_groups import DataOptions
@@ -70,22 +70,21 @@ class PRMOptions(StageOptions, DataOptions):
 
 
 def _checked(row: Row, where: str, separator: str) -> tuple[str, list[Span], list[int]]:
-    """The row's solution text, its steps' spans in it and its labels."""
-    steps, labels, completion = row.get("steps"), row.get("labels"), row.get("completion")
-    if not isinstance(steps, list) or not steps or not all(isinstance(step, str) for step in steps):
-        raise PolmError(f"{where}: field 'steps' must be a non-empty list of strings")
-    if not isinstance(labels, list) or len(labels) != len(steps) or any(label not in (0, 1) for label in labels):
-        raise PolmError(f"{where}: field 'labels' must hold one 0 or 1 per step; got {labels!r} for "
-                        f"{len(steps)} step{'s' * (len(steps) != 1)}")
-    if completion is None:
-        completion = separator.join(steps)
-    elif not isinstance(completion, str):
-        raise PolmError(f"{where}: field 'completion' must be a string, got {type(completion).__name__}")
+    """The row's solution text, its steps' spans in it and its labels; ``where`` names the row in errors."""
+    if row_format(row) != "steps":
+        raise PolmError(f"{where}: a prm row needs fields 'prompt', 'steps' and 'labels'; got {sorted(row)}")
+    row = validate_row(row, where)
+    completion = row.get("completion", separator.join(row["steps"]))
     try:
-        spans = locate_steps(completion, steps)
+        spans = locate_steps(completion, row["steps"])
     except ValueError as error:
         raise PolmError(f"{where}: {error}; each step must appear in field 'completion', in order") from None
-    return completion, spans, labels
+    return completion, spans, row["labels"]
+
+
+def _where(rows: list[Row], index: int, what: str) -> str:
+    """Where row ``index`` came from (``file.jsonl:12``), or its place in ``what``."""
+    return rows.where(index) if isinstance(rows, Rows) else f"{what} row {index}"
 
 
 class PRMStage(Stage):
@@ -101,7 +100,7 @@ class PRMStage(Stage):
         max_length = self.options.max_length
         encoded: list[StepExample | None] = []
         for index, row in enumerate(rows):
-            completion, spans, labels = _checked(row, f"{what} row {index}", self.options.separator)
+            completion, spans, labels = _checked(row, _where(rows, index, what), self.options.separator)
             example = encode_solution(tokenizer, row["prompt"], completion, spans, labels)
             cut = truncate(example, max_length)
             encoded.append(None if cut is None else
@@ -111,10 +110,13 @@ class PRMStage(Stage):
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out ``step_accuracy`` (P(right) > 0.5 agrees with the label) and ``solution_accuracy``
         (the lowest step score > 0.5 exactly when every step is right); {} until the model has the stage's head."""
-        rows = [row for row in self.eval_rows() if "steps" in row]
-        if not rows or prm_head(model) != self.options.head:
+        all_rows = self.eval_rows()
+        indices = [index for index, row in enumerate(all_rows) if "steps" in row]
+        if not indices or prm_head(model) != self.options.head:
             return {}
-        checked = [_checked(row, f"eval_data row {index}", self.options.separator) for index, row in enumerate(rows)]
+        rows = [all_rows[index] for index in indices]
+        checked = [_checked(all_rows[index], _where(all_rows, index, "eval_data"), self.options.separator)
+                   for index in indices]
         scores = step_scores(model, tokenizer, [row["prompt"] for row in rows], [text for text, _, _ in checked],
                              [spans for _, spans, _ in checked], batch_size=self.options.batch_size)
         steps_right = [(score > 0.5) == bool(label) for values, (_, _, labels) in zip(scores, checked)
