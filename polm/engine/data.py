@@ -214,11 +214,16 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[Any, str]]:
     if not path.is_file():
         raise PolmError(f"data file not found: {path}")
     empty = True
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PolmError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield json.loads(line), where
             except json.JSONDecodeError as error:

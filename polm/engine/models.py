@@ -53,9 +53,14 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
             # A plugin may claim a local folder it knows how to read (polm_load_model), before from_pretrained.
             claimed = plugin_manager().hook.polm_load_model(path=path, tokenizer=tokenizer) if path.is_dir() else None
             if claimed is None:
+                if path.is_dir() and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+                    raise PolmError(
+                        f"{path} is not a model folder: it has no config.json (nor adapter_config.json); give a "
+                        "Hugging Face model folder, a run's stage folder (00-sft) or a registered model "
+                        f"({', '.join(models)})")
                 claimed = _from_pretrained(str(path) if path.exists() else spec, tokenizer)
             model, loaded_tokenizer = claimed
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers: a missing file, or a config it cannot read
         raise PolmError(
             f"could not load model '{spec}': {str(error).splitlines()[0]}. Registered models: {', '.join(models)}"
         ) from None

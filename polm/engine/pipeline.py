@@ -186,6 +186,8 @@ class Pipeline:
         if not self.stages:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
         output_dir = Path(output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise PolmError(f"output folder {output_dir} is a file; choose another --output")
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
         existed = output_dir.exists()
         on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes), processes)

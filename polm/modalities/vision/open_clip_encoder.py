@@ -9,6 +9,9 @@ quickstart.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +56,9 @@ class OpenClipEncoder(Encoder):
             raise PolmError(f"open_clip has no architecture '{architecture}'; available: "
                             f"{', '.join(open_clip.list_models())}")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=options.pretrained)
+            with _without_random_init_warning():
+                model, _, preprocess = open_clip.create_model_and_transforms(architecture,
+                                                                             pretrained=options.pretrained)
         except RuntimeError as error:  # an unknown tag or a failed download
             raise PolmError(f"open_clip:{architecture}: cannot load pretrained '{options.pretrained}': "
                             f"{str(error).splitlines()[0]}; pass a local weights file as 'pretrained'") from None
@@ -89,3 +94,19 @@ class OpenClipEncoder(Encoder):
 def open_clip_encoder(architecture: str, **options: object) -> OpenClipEncoder:
     """The factory registered as ``open_clip``: ``build_encoder("open_clip:ViT-B-32", pretrained="openai")``."""
     return OpenClipEncoder(architecture, parse_options("encoder 'open_clip'", OpenClipOptions, options))
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's root-logger warning that a model without ``pretrained`` was initialised randomly: that
+    is what such an encoder asks for (polm saves its weights with the model), not news to the user."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
