@@ -220,3 +220,22 @@ def test_a_run_that_fails_before_keeping_anything_does_not_block_the_corrected_r
     assert not output.exists()
     data.write_text(good + "\n" + good + "\n", encoding="utf-8")
     assert main(["run", str(recipe), "--output", str(output)]) == 0
+
+
+def test_overwrite_replaces_a_polm_run_and_never_a_folder_that_holds_something_else(
+        tmp_path, model_dir, data_file, output_dir, capsys):
+    """``--overwrite`` into a folder of unrelated files: refused, one line, the folder as it was. Into a finished
+    polm run: the old run is replaced (its stale stage folder gone, run.json the new recipe's)."""
+    recipe = write_recipe(tmp_path, model_dir, data_file)
+    before = snapshot(output_dir)
+    assert main(["run", str(recipe), "--output", str(output_dir), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds no polm run (run.json is missing), so it is left alone" in err
+    assert_untouched(output_dir, before)
+
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--output", str(run)]) == 0
+    (run / "07-stale").mkdir()
+    assert main(["run", str(recipe), "--output", str(run), "--overwrite", "--set", "stages.0.max_steps=2"]) == 0
+    assert not (run / "07-stale").exists()
+    assert json.loads((run / "run.json").read_text())["stages"][0]["max_steps"] == 2

@@ -69,6 +69,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder")
     parser.add_argument("--accept-changes", action="store_true",
                         help="with --resume, go on although the recipe differs from the run's (otherwise refused)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the polm run in the output folder (a folder holding anything else is kept)")
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -79,7 +81,8 @@ def _run(arguments: argparse.Namespace) -> int:
     if output is None:
         raise PolmError(f"{arguments.recipe}: no output folder; set 'output_dir' in the recipe or pass --output")
     pipeline = recipe.pipeline()
-    result = pipeline.run(output, resume=arguments.resume, accept_changes=arguments.accept_changes)
+    result = pipeline.run(output, resume=arguments.resume, accept_changes=arguments.accept_changes,
+                          overwrite=arguments.overwrite)
     _print_result(result, pipeline)
     if result.interrupted:  # SIGTERM: checkpointed after the step in progress
         print(f"polm: terminated; the last checkpoint is kept, continue with: polm run {arguments.recipe} "

@@ -161,6 +161,7 @@ class Pipeline:
         on_log: Callable[[dict[str, Any]], None] | None = None,
         stop: threading.Event | None = None,
         accept_changes: bool = False,
+        overwrite: bool = False,
     ) -> RunResult:
         """Run every stage, writing checkpoints and metrics under ``output_dir``.
 
@@ -178,6 +179,8 @@ class Pipeline:
                 difference, except for the changes a resume may make (``save_every``, ``keep_last``,
                 ``log_every``, and a larger ``max_steps`` of a constant-schedule stage, which then trains
                 exactly the extra steps).
+            overwrite: replace the polm run in ``output_dir`` (a folder with ``run.json``); a folder that holds
+                anything else is never deleted.
 
         Raises:
             PolmError: before anything is written, if the folder holds another
@@ -190,7 +193,10 @@ class Pipeline:
             raise PolmError(f"output folder {output_dir} is a file; choose another --output")
         processes = process_state()  # one per device under `accelerate launch`; only the main one writes
         existed = output_dir.exists()
-        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes), processes)
+        if resume and overwrite:
+            raise PolmError("--resume continues the run in the folder and --overwrite replaces it; pass one of them")
+        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes, overwrite),
+                        processes)
         stop = stop or threading.Event()
         try:
             with checkpoint_on_sigterm(stop):
@@ -266,7 +272,7 @@ class Pipeline:
                 changes.append(change)
         return changes
 
-    def _claim(self, output_dir: Path, resume: bool, processes: int, accept_changes: bool) -> None:
+    def _claim(self, output_dir: Path, resume: bool, processes: int, accept_changes: bool, overwrite: bool) -> None:
         run_file = output_dir / RUN_FILE
         description = self.describe()
         if resume:
@@ -285,10 +291,15 @@ class Pipeline:
             run_file.write_text(json.dumps(_jsonable(description), indent=2))  # the recipe the run now follows
             return
         if output_dir.exists() and any(output_dir.iterdir()):
-            raise PolmError(
-                f"output folder {output_dir} is not empty; pass --resume to continue the run in it "
-                "or choose another --output"
-            )
+            if not overwrite:
+                raise PolmError(
+                    f"output folder {output_dir} is not empty; pass --resume to continue the run in it, "
+                    "--overwrite to replace the polm run in it, or choose another --output"
+                )
+            if not run_file.is_file():
+                raise PolmError(f"--overwrite: {output_dir} holds no polm run ({RUN_FILE} is missing), so it is "
+                                "left alone; choose another --output")
+            shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
 
