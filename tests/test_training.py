@@ -312,3 +312,18 @@ def test_keep_last_rotates_checkpoints_and_resume_uses_the_newest(random_model, 
     assert not pipeline.run(tmp_path / "run", resume=True).interrupted
     with pytest.raises(polm.PolmError, match="unknown option 'save_total_limit'. Did you mean 'keep_last'?"):
         polm.Pipeline("polm-tiny").add("sft", data="polm:arithmetic", save_total_limit=2)
+
+
+def test_the_package_loads_no_pickle_runs_no_remote_code_and_reads_yaml_safely():
+    """A scan of polm's sources: no ``weights_only=False``, no ``pickle.load``, no ``yaml.load`` without the safe
+    loader, no ``trust_remote_code=True``, and every ``torch.load`` asks for ``weights_only=True``."""
+    from pathlib import Path
+
+    unsafe = ("weights_only=False", "pickle.load", "pickle.loads", "yaml.load(", "yaml.unsafe_load", "FullLoader",
+              "trust_remote_code=True")
+    found = []
+    for path in sorted(Path(polm.__file__).parent.rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if any(text in line for text in unsafe) or ("torch.load(" in line and "weights_only=True" not in line):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert not found, found
