@@ -17,6 +17,7 @@ import polm
 from polm.engine.encoding import IGNORE_INDEX
 from polm.engine.lm import completion_loss
 from polm.engine.trainer import optimizer_groups
+from tests.helpers import registered
 
 
 def test_completion_loss_matches_hand_computation():
@@ -115,6 +116,44 @@ def test_a_loss_that_is_not_finite_stops_the_stage_before_it_is_applied(random_m
     step, checkpoint = re.search(r"at step (\d+) .*checkpoint-(\d+)", str(raised.value)).groups()
     assert int(checkpoint) == int(step) - 1 < 5
     assert not (tmp_path / "run" / "00-sft" / "final").exists()
+
+
+class _NaNAtSteps:
+    """A language-modelling objective plugin: the completion loss, made NaN at the given training steps (its
+    calls on batches of more than one row; the engine's option check calls it once on a one-row sample)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps, self.step = steps, 0
+
+    @polm.hookimpl
+    def polm_register_objectives(self, register):
+        register("nan_at_steps", self.loss, family="language_modelling", description="NaN on chosen steps")
+
+    def loss(self, logits, labels):
+        self.step += logits.shape[0] > 1
+        loss, metrics = completion_loss(logits, labels)
+        return (loss * float("nan") if self.step in self.steps and logits.shape[0] > 1 else loss), metrics
+
+
+def test_nonfinite_loss_skip_drops_those_steps_counts_them_and_finishes(random_model, tokenizer, arithmetic, tmp_path):
+    """With ``nonfinite_loss: skip`` an objective whose loss is NaN at steps 2 and 4 of 6: the stage finishes,
+    no weight turns non-finite, each record logs a finite loss, and the last counts skipped_steps 2. Without
+    it the same run stops at step 2."""
+    rows, _ = arithmetic
+    options = {"data": rows, "max_steps": 6, "batch_size": 4, "eval_size": 0, "log_every": 1,
+               "objective": "nan_at_steps", "lr": 1e-3}
+    with registered(_NaNAtSteps({2, 4}), "nan-at-steps"):
+        with pytest.raises(polm.PolmError, match="the loss is not finite at step 2 .*set nonfinite_loss: skip"):
+            polm.Pipeline(copy.deepcopy(random_model), tokenizer=tokenizer).add("sft", **options).run(tmp_path / "stop")
+    with registered(_NaNAtSteps({2, 4}), "nan-at-steps"):
+        result = polm.Pipeline(copy.deepcopy(random_model), tokenizer=tokenizer).add(
+            "sft", nonfinite_loss="skip", **options).run(tmp_path / "skip")
+    weights = AutoModelForCausalLM.from_pretrained(result.checkpoint).state_dict()
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    records = [json.loads(line) for line in (tmp_path / "skip/00-sft/metrics.jsonl").read_text().splitlines()]
+    assert [record.get("skipped_steps", 0) for record in records] == [0, 1, 1, 2, 2, 2]
+    assert all(math.isfinite(record["loss"]) for record in records if "loss" in record)
+    assert "loss" not in records[1] and "loss" not in records[3]  # a window of only skipped steps has no loss
 
 
 class _WritesAMarker:

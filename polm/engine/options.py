@@ -61,6 +61,9 @@ class StageOptions:
     lr_scheduler: str = field(default="cosine", metadata={
         "help": f"one of {', '.join(SCHEDULERS)}", "choices": SCHEDULERS})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)", "min": 0})
+    nonfinite_loss: str = field(default="stop", metadata={
+        "help": "a step whose loss is NaN or infinite: stop (the stage, naming the step and the newest "
+                "checkpoint) or skip (no update; metrics.jsonl counts skipped_steps)", "choices": ("stop", "skip")})
     max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut", "min": 1})
     tuning: str = field(default="full", metadata={"help": "a registered tuning method (full, lora, ...)"})
     tuning_options: dict = field(default_factory=dict, metadata={"help": "options of the tuning method"})

@@ -304,8 +304,9 @@ class Pipeline:
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
 
 
-#: Options a resume may change: they decide what is logged and kept, not what is trained.
-CHANGEABLE_ON_RESUME = frozenset({"save_every", "keep_last", "log_every"})
+#: Options a resume may change: they decide what is logged and kept, not what is trained (and nonfinite_loss,
+#: so that a stage stopped by a NaN loss can resume skipping such steps).
+CHANGEABLE_ON_RESUME = frozenset({"save_every", "keep_last", "log_every", "nonfinite_loss"})
 
 
 def _without_name(raw: dict[str, Any]) -> dict[str, Any]:

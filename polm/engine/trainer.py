@@ -212,18 +212,17 @@ def total_steps(options: StageOptions, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(options.epochs * micro_batches_per_epoch / options.grad_accum))
 
 
-def _stop_if_not_finite(accelerator: Accelerator, name: str, step: int, loss: float, stage_dir: Path) -> None:
-    """Stop the stage, before the optimizer applies anything of ``step``, when its loss is NaN or infinite on
-    any process (every process learns it, so none waits at the next collective).
+def _stop_at_nonfinite_loss(name: str, step: int, loss: float, stage_dir: Path) -> None:
+    """Stop the stage, before the optimizer applies anything of ``step``, whose loss is NaN or infinite on some
+    process (each process calls this, having learnt it from all, so none waits at the next collective).
 
     Raises:
         PolmError: naming the step and the newest checkpoint to resume from.
     """
-    if _any_process(accelerator, not math.isfinite(loss)):
-        checkpoint = latest_checkpoint(stage_dir)
-        raise PolmError(f"{name}: the loss is not finite at step {step} (this process: {loss}); the step was not "
-                        f"applied. Newest checkpoint: {checkpoint or 'none'}; lower lr or check the data, then "
-                        "resume")
+    checkpoint = latest_checkpoint(stage_dir)
+    raise PolmError(f"{name}: the loss is not finite at step {step} (this process: {loss}); the step was not "
+                    f"applied. Newest checkpoint: {checkpoint or 'none'}; lower lr or check the data, or set "
+                    "nonfinite_loss: skip, then resume")
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
@@ -329,7 +328,7 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
     else:
         source = SupervisedSteps(task, accelerator)
 
-    start = 0
+    start, skipped_steps = 0, 0  # skipped: steps whose loss was not finite, with nonfinite_loss: skip
     checkpoint = None
     if context.resume:
         if accelerator.is_main_process:
@@ -338,7 +337,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         checkpoint = latest_checkpoint(stage_dir, report=accelerator.is_main_process)
     if checkpoint is not None:
         tuning.load_weights(accelerator.unwrap_model(model), checkpoint)
-        start = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)["step"]
+        state = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)
+        start, skipped_steps = state["step"], state.get("skipped_steps", 0)
         source.load_state(load_rollout_buffer(checkpoint, accelerator.process_index))
         if task.load_state is not None:
             task.load_state(checkpoint)
@@ -353,7 +353,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
         if accelerator.is_main_process:
             with checkpoint_directory(stage_dir, step) as directory:
                 save_model(accelerator.unwrap_model(model), context.tokenizer, directory)
-                save_training_state(directory, step, optimizer, scheduler, rng_states, {"stage": name})
+                save_training_state(directory, step, optimizer, scheduler, rng_states,
+                                    {"stage": name, "skipped_steps": skipped_steps})
                 save_rollout_buffers(directory, buffers)
                 if task.save_state is not None:
                     task.save_state(directory)
@@ -408,29 +409,35 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                     for key, value in metrics.items():
                         window[key].append(float(value))
                     window_tokens += tokens
-                window["loss"].append(step_loss)
-                _stop_if_not_finite(accelerator, name, step + 1, step_loss, stage_dir)
-                if accelerator.num_processes > 1:
-                    for parameter in task.extra_parameters:
-                        if parameter.grad is not None:
-                            parameter.grad = accelerator.reduce(parameter.grad, "mean")
-                if options.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
-                    window["grad_norm"].append(float(grad_norm))
-                optimizer.step()
-                tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
+                if _any_process(accelerator, not math.isfinite(step_loss)):
+                    if options.nonfinite_loss == "stop":
+                        _stop_at_nonfinite_loss(name, step + 1, step_loss, stage_dir)
+                    skipped_steps += 1  # no update: the gradients are dropped, the schedule moves on
+                else:
+                    window["loss"].append(step_loss)
+                    if accelerator.num_processes > 1:
+                        for parameter in task.extra_parameters:
+                            if parameter.grad is not None:
+                                parameter.grad = accelerator.reduce(parameter.grad, "mean")
+                    if options.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
+                        window["grad_norm"].append(float(grad_norm))
+                    optimizer.step()
+                    tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
                 elapsed = time.perf_counter() - window_start
                 speed = window_tokens * accelerator.num_processes / elapsed if elapsed > 0 else 0.0  # estimate
-                progress.update(bar, advance=1, loss=f"{sum(window['loss']) / len(window['loss']):.4f}",
+                losses = window.get("loss", [])  # get: indexing the defaultdict would log an empty loss
+                progress.update(bar, advance=1, loss=f"{sum(losses) / len(losses):.4f}" if losses else "-",
                                 speed=f"{speed:,.0f}")
                 if step % options.log_every == 0 or step == steps:
                     last_metrics, speed = _across_processes(accelerator, window, window_tokens, elapsed)
                     log({"step": step, "epoch": step * options.grad_accum / order.per_epoch,
-                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": speed, **last_metrics})
+                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": speed, **last_metrics,
+                         **({"skipped_steps": skipped_steps} if skipped_steps else {})})
                     window.clear()
                     window_tokens, window_start = 0, time.perf_counter()
                 if options.eval_every and step % options.eval_every == 0 and step < steps:
