@@ -68,7 +68,9 @@ def polm_register_objectives(register: Register) -> None:
     reference_point, **options)`` (``kto``), and ``family="policy_gradient"``
     for ``fn(logps, old_logps, advantages, mask, *, ref_logps, beta,
     epsilon_low, epsilon_high, max_completion_length, **options)`` (``grpo``,
-    ``ppo``; also ``token_level``). A stage's ``objective`` option
+    ``ppo``; also ``token_level``), and ``family="distillation"`` for
+    ``fn(student_logits, teacher_logits, labels, **options)`` (a student
+    against a teacher; no stage yet). A stage's ``objective`` option
     names one; one of another family, or without a family, is refused when the
     stage is added. Keyword options with defaults are set by the stage's
     ``objective_options``.

@@ -22,6 +22,10 @@ the objectives of one family, chosen by its ``objective`` option and configured 
   use), and ``objective_options`` on top. The loss of ``grpo`` (default ``grpo``) and ``ppo`` (default
   ``dapo``); the built-in ``grpo``, ``dr_grpo`` and ``dapo`` are the clipped surrogate
   (:func:`polm.engine.rl.losses.clipped_policy_loss`) under each paper's reduction.
+- ``distillation``: ``fn(student_logits, teacher_logits, labels, **options)`` with (B, T, V) logits of the
+  student (with gradients) and of the teacher (none flows into them) and (B, T) labels, ``-100`` where no
+  loss is taken; like ``language_modelling``, position ``t`` predicts ``labels[t + 1]``, and the loss is a
+  mean over the labelled tokens; ``forward_kl``, ``reverse_kl`` and ``jsd`` (the efficiency paradigm).
 
 A pairwise objective may also declare ``reference_free=True`` (it takes None for the reference log-probs
 and no reference model is held) and ``average_logps=True`` (log-probs averaged over the completion's
@@ -49,8 +53,9 @@ LANGUAGE_MODELLING = "language_modelling"
 PAIRWISE = "pairwise"
 UNPAIRED = "unpaired"
 POLICY_GRADIENT = "policy_gradient"
+DISTILLATION = "distillation"
 #: Each family and the number of tensors its objectives take positionally before their options.
-FAMILIES = {LANGUAGE_MODELLING: 2, PAIRWISE: 4, UNPAIRED: 4, POLICY_GRADIENT: 4}
+FAMILIES = {LANGUAGE_MODELLING: 2, PAIRWISE: 4, UNPAIRED: 4, POLICY_GRADIENT: 4, DISTILLATION: 3}
 #: The keyword context a stage passes every policy-gradient objective (values for the check before training).
 POLICY_CONTEXT = {"ref_logps": None, "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2,
                   "max_completion_length": 1}
@@ -87,12 +92,21 @@ class PolicyGradientObjective(Protocol):
                  max_completion_length: int, **options: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
 
 
+class DistillationObjective(Protocol):
+    """A loss matching the student's next-token distributions to the teacher's on labelled tokens: (B, T, V)
+    student and teacher logits, (B, T) labels, ``labels[t + 1]`` predicted from ``logits[t]``."""
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
 @dataclass
 class Objective:
     """A registered objective and what its metadata says about its inputs."""
 
     name: str
-    fn: LanguageModellingObjective | PairwiseObjective | UnpairedObjective | PolicyGradientObjective
+    fn: (LanguageModellingObjective | PairwiseObjective | UnpairedObjective | PolicyGradientObjective
+         | DistillationObjective)
     family: str
     reference_free: bool = False
     average_logps: bool = False
@@ -176,13 +190,16 @@ def _check_function_options(where: str, fn: Callable[..., Any], options: dict[st
 
 
 def _sample_arguments(objective: Objective) -> tuple[Any, ...]:
-    """Tiny inputs of the objective's family: (1,) zero log-probs, one labelled token of a 2-word vocabulary,
-    or one sampled token."""
+    """Tiny inputs of the objective's family: (1,) zero log-probs, one labelled token of a 2-word vocabulary
+    (under one model, or under a student and a teacher that disagree), or one sampled token."""
     zeros = torch.zeros(1)
     if objective.family == POLICY_GRADIENT:
         return torch.zeros(1, 1), torch.zeros(1, 1), zeros, torch.ones(1, 1)  # (N, C), (N, C), (N,), (N, C)
     if objective.family == LANGUAGE_MODELLING:
         return torch.zeros(1, 2, 2), torch.tensor([[IGNORE_INDEX, 1]])  # (B, T, V), (B, T)
+    if objective.family == DISTILLATION:
+        teacher = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # (B, T, V), unlike the student's
+        return torch.zeros(1, 2, 2), teacher, torch.tensor([[IGNORE_INDEX, 1]])  # (B, T)
     if objective.family == UNPAIRED:
         return zeros, zeros, torch.ones(1, dtype=torch.bool), 0.0
     reference = (None, None) if objective.reference_free else (zeros, zeros)

@@ -1,1 +1,21 @@
-"""The efficiency paradigm."""
+"""The efficiency paradigm: the distillation objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
+(:mod:`polm.plugins.efficiency.distill`), a student trained towards a teacher's next-token distributions."""
+
+from __future__ import annotations
+
+from polm.engine.hookspecs import Register, hookimpl
+from polm.engine.objectives import DISTILLATION
+from polm.plugins.efficiency.distill import forward_kl, jsd, reverse_kl
+
+
+@hookimpl
+def polm_register_objectives(register: Register) -> None:
+    register("forward_kl", forward_kl, family=DISTILLATION,
+             description="KL(teacher || student) per token at a temperature, x T^2, mixed with the hard "
+                         "labels by alpha (Hinton et al. 2015)")
+    register("reverse_kl", reverse_kl, family=DISTILLATION,
+             description="KL(student || teacher) per token (mode-seeking); temperature and alpha as "
+                         "forward_kl")
+    register("jsd", jsd, family=DISTILLATION,
+             description="GKD's generalised Jensen-Shannon divergence; beta 0: forward_kl, 1: reverse_kl "
+                         "(Agarwal et al. 2024)")
