@@ -136,3 +136,16 @@ def test_the_command_line_refuses_a_changed_recipe_on_resume_and_goes_on_when_to
     assert len(error.splitlines()) == 1 and "stage 0 'sft' lr 0.0001 -> 0.0005" in error, error
     assert main(["run", str(recipe), "--output", str(output), "--resume", "--set", "stages.0.lr=5e-4",
                  "--accept-changes"]) == 0
+
+
+def test_a_resume_after_the_data_file_changed_is_refused_naming_the_file(random_model, tokenizer, arithmetic,
+                                                                        tmp_path):
+    """The same recipe, but its JSONL data file was edited after the run stopped: the resume names the file
+    (run.json stamps each data file's size and modification time) instead of training on other rows."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in arithmetic[0]))
+    run_dir = tmp_path / "run"
+    _stopped_at(2, _pipeline(random_model, tokenizer, str(data), save_every=2), run_dir)
+    data.write_text("".join(json.dumps(row) + "\n" for row in arithmetic[0][:32]))
+    with pytest.raises(polm.PolmError, match=rf"stage 0 'sft' data file {data} changed since the run began"):
+        _pipeline(random_model, tokenizer, str(data), save_every=2).run(run_dir, resume=True)

@@ -117,6 +117,17 @@ def row_format(row: Row) -> str:
     return ""
 
 
+def file_stamps(spec: Any) -> dict[str, list[int]]:
+    """Each local file a data spec reads (a JSONL file, or every file under a folder) with its size and
+    modification time in nanoseconds: enough to tell that a file changed without reading it. Empty for
+    bundled datasets, Hub ids and in-memory rows."""
+    if not isinstance(spec, (str, Path)) or str(spec).startswith(BUNDLED_PREFIX):
+        return {}
+    path = Path(spec)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
+    return {str(file.resolve()): [file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()}
+
+
 def validate_row(row: Any, where: str, base_dir: Path | None = None) -> Row:
     """Check one row's fields and types; resolve relative media paths.
 

@@ -88,12 +88,8 @@ def _cached_source(spec: Any) -> bool:
 def _fingerprint(spec: Any, columns: dict[str, str] | None, tokenizer: Any, max_length: int) -> str:
     """What an encoded table depends on, hashed: the source, the tokenizer, the options, polm's encoding code."""
     digest = hashlib.sha256()
-    path = Path(spec)
-    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
-    for file in files:
-        if file.is_file():
-            stat = file.stat()
-            digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for file, (size, modified) in data.file_stamps(spec).items():
+        digest.update(f"{file}:{size}:{modified}".encode())
     digest.update(str(spec).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

@@ -23,6 +23,7 @@ from polm.engine.checkpoint import (
     latest_checkpoint,
     save_model,
 )
+from polm.engine.data import file_stamps
 from polm.engine.distributed import on_main_process, process_state
 from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
@@ -150,8 +151,15 @@ class Pipeline:
         return self
 
     def describe(self) -> dict[str, Any]:
+        """The recipe as ``run.json`` records it, with each stage's local data files stamped (size and
+        modification time), so that a resume can tell a changed file."""
         model = self.model_spec if isinstance(self.model_spec, (str, Path)) else type(self.model_spec).__name__
-        return {"model": str(model), "seed": self.seed, "stages": self._raw}
+        stamps: dict[str, dict[str, dict[str, list[int]]]] = {}
+        for index, stage in enumerate(self.stages):
+            files = {option: file_stamps(getattr(stage.options, option, None)) for option in DATA_OPTIONS}
+            if any(files.values()):
+                stamps[str(index)] = {option: found for option, found in files.items() if found}
+        return {"model": str(model), "seed": self.seed, "stages": self._raw, "data_files": stamps}
 
     def run(
         self,
@@ -259,6 +267,10 @@ class Pipeline:
             except PolmError as error:
                 changes.append(f"{where}: the run's own options no longer validate ({error})")
                 continue
+            for option, files in previous.get("data_files", {}).get(str(index), {}).items():
+                now = description["data_files"].get(str(index), {}).get(option, {})
+                changes += [f"{where} {option} file {file} changed since the run began (size or modification time)"
+                            for file, stamp in files.items() if file in now and now[file] != stamp]
             after = _jsonable(asdict(stage.options))
             for key in sorted(before.keys() | after.keys()):
                 if key in CHANGEABLE_ON_RESUME or before.get(key) == after.get(key):
@@ -303,6 +315,9 @@ class Pipeline:
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
 
+
+#: Stage options that name data, whose files ``run.json`` stamps.
+DATA_OPTIONS = ("data", "eval_data")
 
 #: Options a resume may change: they decide what is logged and kept, not what is trained (and nonfinite_loss,
 #: so that a stage stopped by a NaN loss can resume skipping such steps).
