@@ -184,9 +184,8 @@ class Pipeline:
                 run is in the main thread (see :func:`checkpoint_on_sigterm`).
             accept_changes: with ``resume``, go on even if this pipeline's recipe differs from the run's
                 (``run.json`` then records this one). Without it such a resume is refused, naming each
-                difference, except for the changes a resume may make (``save_every``, ``keep_last``,
-                ``log_every``, and a larger ``max_steps`` of a constant-schedule stage, which then trains
-                exactly the extra steps).
+                difference, except for the changes a resume may make (:data:`CHANGEABLE_ON_RESUME`, and a
+                larger ``max_steps`` of a constant-schedule stage, which then trains exactly the extra steps).
             overwrite: replace the polm run in ``output_dir`` (a folder with ``run.json``); a folder that holds
                 anything else is never deleted.
 
@@ -253,11 +252,11 @@ class Pipeline:
                 model = starting  # its final/ holds a side model; the next stage continues from the policy
         return result
 
-    def _changes_from(self, previous: dict[str, Any], output_dir: Path) -> list[str]:
-        """What this pipeline changes in the run ``previous`` (its ``run.json``), one phrase per option, leaving
-        out what a resume may change: :data:`CHANGEABLE_ON_RESUME`, and a larger ``max_steps`` that
-        :func:`_extension_problem` allows (the stage then trains the extra steps)."""
-        description = _jsonable(self.describe())
+    def _changes_from(self, previous: dict[str, Any], description: dict[str, Any], output_dir: Path) -> list[str]:
+        """What this pipeline (``description``, its :meth:`describe`) changes in the run ``previous`` (its
+        ``run.json``), one phrase per option, leaving out what a resume may change: :data:`CHANGEABLE_ON_RESUME`,
+        and a larger ``max_steps`` that :func:`_extension_problem` allows (the stage then trains the extra steps)."""
+        description = _jsonable(description)
         changes = [f"{key} {previous.get(key)!r} -> {description[key]!r}" for key in ("model", "seed")
                    if previous.get(key) != description[key]]
         for index, (raw, stage) in enumerate(zip(previous["stages"], self.stages)):
@@ -293,7 +292,7 @@ class Pipeline:
             previous = json.loads(run_file.read_text())
             if [s["name"] for s in previous["stages"]] != [s["name"] for s in description["stages"]]:
                 raise PolmError(f"--resume: {output_dir} holds a run with other stages; resume it with its own recipe")
-            changes = self._changes_from(previous, output_dir)
+            changes = self._changes_from(previous, description, output_dir)
             if changes and not accept_changes:
                 raise PolmError(
                     f"--resume: this recipe differs from the run in {output_dir} ({RUN_FILE}): {'; '.join(changes)}. "
