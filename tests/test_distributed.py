@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 CHILD = """
-import json, os, signal, sys
+import atexit, json, os, signal, sys
 import torch
+# Registered first, so it runs last: whether the process group outlived polm's own exit handler.
+atexit.register(lambda: print("PROCESS GROUP AT EXIT", torch.distributed.is_initialized(), flush=True))
 spec = json.loads(open(sys.argv[1]).read())
 torch.set_num_threads(1)
 import polm
@@ -92,6 +94,8 @@ def test_sft_then_dpo_on_two_processes_matches_one_process_at_the_same_global_ba
     two = _run(tmp_path, "two", spec(4, "two"), processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("RUN DONE") == 2, "both processes finished the pipeline"
+    # Left to the interpreter's teardown, gloo's threads can abort a process after a run that succeeded.
+    assert two.stdout.count("PROCESS GROUP AT EXIT False") == 2, "each process destroyed its group at exit"
     one = _run(tmp_path, "one", spec(8, "one"), processes=1)
     assert one.returncode == 0, one.stderr[-3000:]
     for stage, tolerance in (("00-sft", 1e-5), ("01-dpo", 1e-4)):

@@ -9,6 +9,8 @@ recipe.yaml`` then trains data-parallel on 2 CPU processes (what the tests do).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -49,6 +51,26 @@ def process_state() -> PartialState:
                 "parameters need a gathered state dict to save and every process in evaluation and generation; "
                 "launch with a multi-GPU config instead (examples/accelerate/multi_gpu.yaml)")
     return PartialState(cpu=cpu_launch())
+
+
+@functools.cache  # once per process, however many runs it makes
+def release_process_group_at_exit() -> None:
+    """Destroy the process group when this process exits, once the run has finished on it.
+
+    Left to the interpreter's own teardown, gloo's worker threads can still hold finished work whose tensors
+    reference Python objects, and freeing them then aborts the process ("terminate called without an active
+    exception", SIGABRT) after a run that succeeded; torch leaves the call to the program (its docs ask for
+    ``destroy_process_group`` at the end of main). At exit rather than at the end of the run, because a script
+    may run several pipelines on the one process group (accelerate's state is shared); only after a run that
+    finished, because destroying it while another process still waits in a collective can hang.
+    """
+    if launched_processes() > 1:
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def on_main_process(action: Callable[[], T], processes: PartialState) -> T:

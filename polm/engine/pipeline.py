@@ -24,7 +24,7 @@ from polm.engine.checkpoint import (
     save_model,
 )
 from polm.engine.data import file_stamps
-from polm.engine.distributed import on_main_process, process_state
+from polm.engine.distributed import on_main_process, process_state, release_process_group_at_exit
 from polm.engine.errors import PolmError
 from polm.engine.models import STAGE_FILE, load_model
 from polm.engine.options import parse_options
@@ -207,11 +207,13 @@ class Pipeline:
         stop = stop or threading.Event()
         try:
             with checkpoint_on_sigterm(stop):
-                return self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
+                result = self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
         except BaseException:
             if not resume and processes.is_main_process:
                 _discard_if_nothing_kept(output_dir, existed)
             raise
+        release_process_group_at_exit()
+        return result
 
     def _run_stages(self, output_dir: Path, resume: bool, evaluate_before: bool,
                     on_log: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
