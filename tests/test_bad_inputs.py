@@ -2,15 +2,15 @@
 field or the option, exit status 2, no traceback, no output folder created, and the input files unchanged.
 
 Each case writes its inputs (a recipe, data files, media) into ``inputs/`` and returns the command's
-arguments; the run's output folder ``out/`` does not exist beforehand and must not exist afterwards. Most
-errors are found before the run starts; five are found once the stage reads its rows or first scores a sample
-(a media file that does not read, an image row for a text-only model, a missing reward-model folder), and the
-run then removes the folder it had started, so the corrected rerun is not refused.
+arguments; the run's output folder ``out/`` does not exist beforehand and is never made, not even for a
+moment: every row, media file and reward option is checked before the run writes anything (the errors that
+need the model, such as an image row for a text-only model, once it has loaded).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +60,13 @@ def _audio_row(audio: str) -> dict:
 def _not_an_image(inputs: Path) -> str:
     (inputs / "picture.png").write_bytes(b"this is not a png")
     return "picture.png"
+
+
+def _an_image(inputs: Path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(inputs / "red.png")
+    return "red.png"
 
 
 def _not_audio(inputs: Path) -> str:
@@ -142,11 +149,11 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str | tuple[str, ...]]
                                                 data=_jsonl(i, _image_row(i, _not_an_image(i))))),
                       "picture.png: cannot identify image file"),
     "missing image": (lambda i, m: _run(_recipe(i, m, IMAGE, name="align", data=_jsonl(i, _image_row(i, "missing.png")))),
-                      ("cannot read image ", "missing.png: [Errno 2] No such file or directory")),
+                      ("train.jsonl:1: image file not found: ", "missing.png")),
     "non-audio file": (lambda i, m: _run(_recipe(i, m, AUDIO, name="align", data=_jsonl(i, _audio_row(_not_audio(i))))),
                        "sound.wav: it is not a WAV file"),
-    "image row for a text-only model": (lambda i, m: _run(_recipe(i, m, data=_jsonl(i, _image_row(i, "x.png")))),
-                                        "the rows hold image content, which the text-only model"),
+    "image row for a text-only model": (lambda i, m: _run(_recipe(i, m, data=_jsonl(i, _image_row(i, _an_image(i))))),
+                                        "train.jsonl:1: the row holds image content, which the text-only model"),
     "unknown encoder": (lambda i, m: _run(_recipe(i, m, "encoders: {image: open_clip:nope}\n    connectors: "
                                                          "{image: mlp2x_gelu}", name="align",
                                                   data=_jsonl(i, _image_row(i, _not_an_image(i))))),
@@ -180,13 +187,20 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, model_dir, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, model_dir, tmp_path, capsys, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     build, expected = CASES[case]
     argv = build(inputs, model_dir)
     before = _snapshot(inputs)
+    made: list[Path] = []
+    real_mkdir = os.mkdir
 
+    def recording_mkdir(path, *args, **kwargs):  # a folder made and removed again leaves no trace otherwise
+        made.append(Path(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", recording_mkdir)
     status = main(argv)
 
     err = capsys.readouterr().err
@@ -195,4 +209,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, model_dir, tm
     assert err.startswith("polm: error: "), err
     assert all(text in err for text in ((expected,) if isinstance(expected, str) else expected)), err
     assert not (tmp_path / "out").exists(), "an output folder was written"
+    assert not [path for path in made if tmp_path / "out" in (path, *path.parents)], "out/ was made, then removed"
     assert _snapshot(inputs) == before, "an input file changed"
+
+
+def test_a_later_stage_with_a_bad_row_stops_the_run_before_the_first_stage_trains(model_dir, tmp_path, capsys):
+    """sft -> dpo where the dpo data's second line is not JSON: refused before sft takes a step, naming the line
+    (every stage's rows are read before the model loads), and no output folder."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = _jsonl(inputs, GOOD_ROW, GOOD_ROW)
+    pairs = _jsonl(inputs, {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4"}, "{not json", name="pairs.jsonl")
+    recipe = inputs / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\nstages:\n"
+                      f"  - {{name: sft, data: {good}, max_steps: 2, batch_size: 2, eval_size: 0}}\n"
+                      f"  - {{name: dpo, data: {pairs}, max_steps: 2, batch_size: 2, eval_size: 0}}\n")
+
+    assert main(_run(recipe)) == 2
+    assert "pairs.jsonl:2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -225,7 +225,9 @@ def test_a_run_that_fails_before_keeping_anything_does_not_block_the_corrected_r
 def test_overwrite_replaces_a_polm_run_and_never_a_folder_that_holds_something_else(
         tmp_path, model_dir, data_file, output_dir, capsys):
     """``--overwrite`` into a folder of unrelated files: refused, one line, the folder as it was. Into a finished
-    polm run: the old run is replaced (its stale stage folder gone, run.json the new recipe's)."""
+    polm run with a recipe whose data has a bad line: refused, the old run as it was (it used to be deleted
+    before the rows were read). With a good recipe: the old run is replaced (its stale stage folder gone,
+    run.json the new recipe's)."""
     recipe = write_recipe(tmp_path, model_dir, data_file)
     before = snapshot(output_dir)
     assert main(["run", str(recipe), "--output", str(output_dir), "--overwrite"]) == 2
@@ -236,6 +238,13 @@ def test_overwrite_replaces_a_polm_run_and_never_a_folder_that_holds_something_e
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--output", str(run)]) == 0
     (run / "07-stale").mkdir()
+    finished = snapshot(run)
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "What is 1 + 2?", "answer": "3"}\n{not json\n', encoding="utf-8")
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--output", str(run), "--overwrite", "--set", f"stages.0.data={bad_data}"]) == 2
+    assert f"{bad_data}:2: invalid JSON" in capsys.readouterr().err
+    assert snapshot(run) == finished
     assert main(["run", str(recipe), "--output", str(run), "--overwrite", "--set", "stages.0.max_steps=2"]) == 0
     assert not (run / "07-stale").exists()
     assert json.loads((run / "run.json").read_text())["stages"][0]["max_steps"] == 2

@@ -84,6 +84,10 @@ def polm_register_rewards(register: Register) -> None:
     ``obj`` is a callable ``(prompts: list[str], completions: list[str],
     **fields) -> list[float]`` where ``fields`` holds the dataset's other
     columns (for example ``answer``), one list entry per completion.
+
+    A reward whose options name something that must exist (a model folder) may carry a
+    ``check_options(**options)`` attribute that raises :class:`~polm.engine.errors.PolmError`: a stage
+    calls it with the reward's ``reward_options`` before it writes anything.
     """
 
 

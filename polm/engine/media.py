@@ -55,6 +55,16 @@ class Encoder(torch.nn.Module):
         """
         raise NotImplementedError
 
+    def check_file(self, path: str) -> None:
+        """Fail now if :meth:`load` would fail on ``path``: what a stage asks of every file its rows name
+        before it writes anything. By default the file is loaded; an encoder whose files can be checked more
+        cheaply (a header) overrides this.
+
+        Raises:
+            PolmError: the file is missing or unreadable, naming it.
+        """
+        self.load(path)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """(N, *input shape) -> (N, num_tokens, width)."""
         raise NotImplementedError
@@ -115,6 +125,14 @@ class MediaModel(torch.nn.Module):
 
     def tune_language_model(self, prepare: Callable[[torch.nn.Module], torch.nn.Module]) -> MediaModel:
         """Apply a tuning method to the language model (``prepare(lm) -> model to train``); connectors train too."""
+        raise NotImplementedError
+
+    def check_file(self, kind: str, path: str) -> None:
+        """Fail now if the model could not read the ``kind`` (``image``, ``audio``) file at ``path``.
+
+        Raises:
+            PolmError: the model has no encoder for ``kind``, or its encoder cannot read the file.
+        """
         raise NotImplementedError
 
     def load_saved_weights(self, directory: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import signal
@@ -190,8 +191,10 @@ class Pipeline:
                 anything else is never deleted.
 
         Raises:
-            PolmError: before anything is written, if the folder holds another
-                run and ``resume`` is false, or the folder's run differs from this one (see ``accept_changes``).
+            PolmError: before anything is written, if the folder holds another run and ``resume`` is false,
+                the folder's run differs from this one (see ``accept_changes``), a stage's data holds a bad row,
+                or the first stage's inputs do not suit the model (:meth:`Stage.check_inputs`); a later stage
+                checks its inputs at its start.
         """
         if not self.stages:
             raise PolmError("the pipeline has no stages; add one with Pipeline.add('sft', data=...)")
@@ -202,14 +205,23 @@ class Pipeline:
         existed = output_dir.exists()
         if resume and overwrite:
             raise PolmError("--resume continues the run in the folder and --overwrite replaces it; pass one of them")
-        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes, overwrite),
-                        processes)
+        on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes, overwrite,
+                                            write=False), processes)
+        on_main_process(lambda: [stage.check_rows() for stage in self.stages], processes)
+        claimed = False
+
+        def claim() -> None:  # once the first stage has checked its inputs, nothing wrong was found to write
+            nonlocal claimed
+            on_main_process(lambda: self._claim(output_dir, resume, processes.num_processes, accept_changes,
+                                                overwrite, write=True), processes)
+            claimed = True
+
         stop = stop or threading.Event()
         try:
             with checkpoint_on_sigterm(stop):
-                result = self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes)
+                result = self._run_stages(output_dir, resume, evaluate_before, on_log, stop, processes, claim)
         except BaseException:
-            if not resume and processes.is_main_process:
+            if claimed and not resume and processes.is_main_process:
                 _discard_if_nothing_kept(output_dir, existed)
             raise
         release_process_group_at_exit()
@@ -217,22 +229,29 @@ class Pipeline:
 
     def _run_stages(self, output_dir: Path, resume: bool, evaluate_before: bool,
                     on_log: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
-                    processes: PartialState) -> RunResult:
+                    processes: PartialState, claim: Callable[[], None]) -> RunResult:
+        """The stages in order; ``claim`` writes the run's folder, called once the first stage has checked its
+        inputs, so that nothing is written for a run that cannot start."""
         model, tokenizer = load_model(self.model_spec, self.tokenizer)
         result = RunResult(output_dir)
         for index, stage in enumerate(self.stages):
             stage_dir = output_dir / f"{index:02d}-{stage.name}"
-            stage_dir.mkdir(parents=True, exist_ok=True)
             final_dir = stage_dir / FINAL_DIR
             before = stage.evaluate(model, tokenizer) if evaluate_before else None
             torch.manual_seed(self.seed + index)  # adapters initialise from the pipeline seed
             model = stage.prepare(model)
-            if resume and (final_dir / STAGE_FILE).is_file() and not _extended(stage, final_dir):
+            finished = resume and (final_dir / STAGE_FILE).is_file() and not _extended(stage, final_dir)
+            if not finished:
+                on_main_process(functools.partial(stage.check_inputs, model), processes)
+            if index == 0:
+                claim()
+            if finished:
                 if stage.trains_policy:
                     tuning_method(stage.options).load_weights(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue
+            stage_dir.mkdir(parents=True, exist_ok=True)
             context = StageContext(model, tokenizer, stage_dir, self.seed + index, resume, on_log, stop)
             output = stage.run(context)
             starting, model = model, output.model
@@ -285,7 +304,10 @@ class Pipeline:
                 changes.append(change)
         return changes
 
-    def _claim(self, output_dir: Path, resume: bool, processes: int, accept_changes: bool, overwrite: bool) -> None:
+    def _claim(self, output_dir: Path, resume: bool, processes: int, accept_changes: bool, overwrite: bool,
+               write: bool) -> None:
+        """Refuse an output folder this run may not write to (:class:`PolmError`); with ``write``, check again
+        and claim it: replace the run it holds (``overwrite``), and write ``run.json``."""
         run_file = output_dir / RUN_FILE
         description = self.describe()
         if resume:
@@ -301,7 +323,8 @@ class Pipeline:
                     "Resume with the run's own recipe, start a new --output, or pass --accept-changes to go on "
                     "under this one")
             _check_resumable_by(output_dir, processes)
-            run_file.write_text(json.dumps(_jsonable(description), indent=2))  # the recipe the run now follows
+            if write:
+                run_file.write_text(json.dumps(_jsonable(description), indent=2))  # the recipe the run now follows
             return
         if output_dir.exists() and any(output_dir.iterdir()):
             if not overwrite:
@@ -312,7 +335,10 @@ class Pipeline:
             if not run_file.is_file():
                 raise PolmError(f"--overwrite: {output_dir} holds no polm run ({RUN_FILE} is missing), so it is "
                                 "left alone; choose another --output")
-            shutil.rmtree(output_dir)
+            if write:
+                shutil.rmtree(output_dir)
+        if not write:
+            return
         output_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(_jsonable(description), indent=2))
 

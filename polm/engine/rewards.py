@@ -82,6 +82,25 @@ def check_rewards(weights: Mapping[str, float], reward_options: Mapping[str, Any
                         f"list ({', '.join(weights)}); add them to 'rewards' or remove their options")
 
 
+def check_reward_options(weights: Mapping[str, float], reward_options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Ask each reward of ``weights`` that carries a ``check_options`` attribute whether its options hold (a
+    reward model's folder exists), before a stage writes anything.
+
+    Raises:
+        PolmError: what the reward found, naming the reward.
+    """
+    from polm.engine.plugins import registry
+
+    rewards = registry("rewards")
+    for name in weights:
+        check = getattr(rewards.get(name), "check_options", None)
+        if check is not None:
+            try:
+                check(**reward_options.get(name, {}))
+            except (PolmError, TypeError) as error:  # TypeError: an option the reward does not take
+                raise PolmError(f"reward '{name}': {error}") from None
+
+
 def score_weighted(weights: Mapping[str, float], rows: Sequence[Row], completions: Sequence[str],
                    reward_options: Mapping[str, Mapping[str, Any]] | None = None
                    ) -> tuple[list[float], dict[str, list[float]]]:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from polm.engine.data import Rows, bundled_name, check_data_spec, load_rows
+from polm.engine.data import Row, Rows, bundled_name, check_data_spec, iter_rows, load_rows
 from polm.engine.evaluation import exact_match, reference
 from polm.engine.media import MediaModel
 from polm.engine.objectives import Objective, check_objective_options, find_objective
 from polm.engine.option_groups import DataOptions, RewardOptions
 from polm.engine.options import StageOptions
-from polm.engine.rewards import check_rewards
+from polm.engine.preflight import check_media, check_media_exists
+from polm.engine.rewards import check_reward_options, check_rewards
 
 
 @dataclass
@@ -132,14 +134,51 @@ class Stage:
 
     def eval_rows(self) -> list[dict[str, Any]]:
         """Held-out rows: ``eval_data``, else the ``test`` split of a bundled ``data``; at most ``eval_size``."""
-        size = getattr(self.options, "eval_size", 0)
+        spec = self._eval_spec()
+        if spec is None:
+            return []
+        return load_rows(spec, "test", getattr(self.options, "columns", None))[:self.options.eval_size]
+
+    def _eval_spec(self) -> Any:
+        """Where :meth:`eval_rows` come from; None when there are none (``eval_size`` 0, or no source)."""
+        if not getattr(self.options, "eval_size", 0):
+            return None
         spec = getattr(self.options, "eval_data", None)
         data = getattr(self.options, "data", None)
-        if not size:
-            return []
         if spec is None and isinstance(data, str) and bundled_name(data) is not None:
             spec = data
-        return load_rows(spec, "test", getattr(self.options, "columns", None))[:size] if spec is not None else []
+        return spec
+
+    def input_rows(self) -> Iterator[tuple[Row, str]]:
+        """Every row the stage reads, ``data`` then the held-out rows, with where each came from, one at a time."""
+        if not isinstance(self.options, DataOptions):
+            return
+        yield from iter_rows(self.options.data, "train", self.options.columns)
+        spec = self._eval_spec()
+        if spec is not None:
+            yield from islice(iter_rows(spec, "test", self.options.columns), self.options.eval_size)
+
+    def check_rows(self) -> None:
+        """Read every row of :meth:`input_rows` (an error names its ``file:line`` and field) and check that each
+        media file it names exists. Needs no model: the pipeline asks it of every stage before the model loads.
+
+        Raises:
+            PolmError: the first bad row.
+        """
+        check_media_exists(self.input_rows())
+
+    def check_inputs(self, model: torch.nn.Module) -> None:
+        """What needs the model the stage starts from (``model``, after :meth:`prepare`): the rows' media are of
+        kinds it reads and each file reads through its encoder, and each reward's own options hold (a reward
+        model's folder). The pipeline asks it at the start of each stage, before the stage writes; for the
+        first stage, before anything of the run is written.
+
+        Raises:
+            PolmError: naming the row's ``file:line``, the file or the reward.
+        """
+        if isinstance(self.options, RewardOptions):
+            check_reward_options(self.options.reward_weights(), self.options.reward_options)
+        check_media(model, self.input_rows())
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Held-out metrics of ``model``; by default greedy ``exact_match`` on rows with references."""

@@ -70,19 +70,49 @@ def load_audio(path: str | Path) -> np.ndarray:
         PolmError: the file is unreadable, or it is not WAV and ffmpeg is not installed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PolmError(f"cannot read audio {path}: no such file")
-    with path.open("rb") as handle:
-        header = handle.read(12)
-    if header[:4] == b"RIFF" and header[8:12] == b"WAVE":
+    if _is_wav(path):
         samples, rate = read_wav(path)
         return resample(samples, rate)
-    if shutil.which("ffmpeg") is None:
-        raise PolmError(f"cannot read audio {path}: it is not a WAV file and ffmpeg is not installed; "
-                        "convert it to WAV or install ffmpeg")
     import whisper
 
     try:
         return whisper.load_audio(str(path), SAMPLE_RATE)
     except RuntimeError as error:
         raise PolmError(f"cannot read audio {path}: {str(error).splitlines()[0]}") from None
+
+
+def check_audio(path: str | Path) -> None:
+    """Fail where :func:`load_audio` would on a missing file, a WAV file whose header does not read or whose
+    samples are not 8, 16, 24 or 32-bit PCM, or another format without ffmpeg; reads the header only.
+
+    Raises:
+        PolmError: naming the file.
+    """
+    path = Path(path)
+    if not _is_wav(path):
+        return  # ffmpeg reads it, or says why not, when it is loaded
+    try:
+        with wave.open(str(path), "rb") as handle:
+            width = handle.getsampwidth()
+    except (wave.Error, EOFError) as error:
+        raise PolmError(f"cannot read audio {path}: {error or type(error).__name__}; expected a PCM WAV file") from None
+    if width not in (1, 2, 3, 4):
+        raise PolmError(f"cannot read audio {path}: {8 * width}-bit samples; use 8, 16, 24 or 32-bit PCM")
+
+
+def _is_wav(path: Path) -> bool:
+    """Whether ``path`` starts as a WAV file; for another format, that ffmpeg is there to read it.
+
+    Raises:
+        PolmError: no such file, or not WAV and ffmpeg is not installed.
+    """
+    if not path.is_file():
+        raise PolmError(f"cannot read audio {path}: no such file")
+    with path.open("rb") as handle:
+        header = handle.read(12)
+    if header[:4] == b"RIFF" and header[8:12] == b"WAVE":
+        return True
+    if shutil.which("ffmpeg") is None:
+        raise PolmError(f"cannot read audio {path}: it is not a WAV file and ffmpeg is not installed; "
+                        "convert it to WAV or install ffmpeg")
+    return False

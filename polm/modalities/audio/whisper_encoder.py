@@ -18,7 +18,7 @@ import torch
 from polm.engine.errors import PolmError
 from polm.engine.media import Encoder
 from polm.engine.options import parse_options
-from polm.modalities.audio.wav import load_audio
+from polm.modalities.audio.wav import check_audio, load_audio
 
 TINY_NAME = "polm-tiny"
 
@@ -102,6 +102,10 @@ class WhisperEncoder(Encoder):
 
         audio = pad_or_trim(torch.from_numpy(load_audio(path)), self.samples)
         return log_mel_spectrogram(audio, self.n_mels)
+
+    def check_file(self, path: str) -> None:
+        """Fail where :meth:`load` would, reading the file's header only."""
+        check_audio(path)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """(N, n_mels, 2 * num_tokens) -> (N, num_tokens, width)."""

@@ -75,6 +75,11 @@ class MultimodalModel(MediaModel):
                            for m, c in self.connectors.items()},
         }
 
+    def check_file(self, kind: str, path: str) -> None:
+        if kind not in self.encoders:
+            raise PolmError(f"the row holds {kind} content and the model reads {', '.join(self.encoders)} only")
+        self.encoders[kind].check_file(path)
+
     # -- what trains ---------------------------------------------------------------------------------
 
     def freeze_language_model(self) -> MultimodalModel:

@@ -85,6 +85,16 @@ class OpenClipEncoder(Encoder):
         except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
             raise PolmError(f"cannot read image {path}: {error}") from None
 
+    def check_file(self, path: str) -> None:
+        """Fail on a file PIL cannot identify or whose structure is damaged, without decoding its pixels."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError) as error:  # verify raises SyntaxError
+            raise PolmError(f"cannot read image {path}: {error}") from None
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, num_tokens, width) patch features."""
         _, tokens = self.visual(inputs)

@@ -128,8 +128,17 @@ def reward_model_reward(prompts: list[Any], completions: list[str], path: str | 
     Raises:
         PolmError: ``path`` unset, or no reward model there.
     """
-    if path is None:
-        raise PolmError("reward 'reward_model' needs option 'path': set reward_options: {reward_model: {path: "
-                        "<reward_model stage folder>}}")
+    _check_reward_model_options(path)
     model, tokenizer = load_reward_model(path)
     return score_completions(model, tokenizer, prompts, completions, batch_size)
+
+
+def _check_reward_model_options(path: str | None = None, batch_size: int = 32) -> None:
+    """``path`` is set and names a reward model's folder: the reward's options, checked before a stage writes."""
+    if path is None:
+        raise PolmError("option 'path' is not set: set reward_options: {reward_model: {path: <reward_model stage "
+                        "folder>}}")
+    resolve_reward_model_path(path)
+
+
+reward_model_reward.check_options = _check_reward_model_options  # type: ignore[attr-defined]
