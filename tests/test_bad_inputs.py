@@ -135,6 +135,9 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str | tuple[str, ...]]
                   "recipe.yaml: 'stages' must be a non-empty list"),
     "unknown recipe key": (lambda i, m: _run(_recipe(i, m, top="outptu_dir: x\n")),
                            "unknown recipe key 'outptu_dir'. Did you mean 'output_dir'?"),
+    "unknown student config field": (lambda i, m: _run(_recipe(i, m, "student: {num_hidden_layer: 1}", name="distill")),
+                                     ("'num_hidden_layer' is not a field of the teacher's LlamaConfig",
+                                      "Did you mean 'num_hidden_layers'?")),
     # models
     "missing model path": (lambda i, m: _run(_recipe(i, i / "no-such-model")),
                            "no-such-model' is neither a folder nor a registered model"),

@@ -1,11 +1,12 @@
-"""The efficiency paradigm: the distillation objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
-(:mod:`polm.plugins.efficiency.distill`), a student trained towards a teacher's next-token distributions."""
+"""The efficiency paradigm: the ``distill`` stage and its objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
+(:mod:`polm.plugins.efficiency.distill`), a smaller student trained towards a teacher's next-token
+distributions."""
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.objectives import DISTILLATION
-from polm.plugins.efficiency.distill import forward_kl, jsd, reverse_kl
+from polm.plugins.efficiency.distill import DistillStage, forward_kl, jsd, reverse_kl
 
 
 @hookimpl
@@ -19,3 +20,10 @@ def polm_register_objectives(register: Register) -> None:
     register("jsd", jsd, family=DISTILLATION,
              description="GKD's generalised Jensen-Shannon divergence; beta 0: forward_kl, 1: reverse_kl "
                          "(Agarwal et al. 2024)")
+
+
+@hookimpl
+def polm_register_stages(register: Register) -> None:
+    register("distill", DistillStage,
+             description="a smaller student (teacher config + overrides, from the teacher's layers) trained towards "
+                         "the teacher's next-token distributions on the completions of data")
