@@ -1,12 +1,14 @@
 """The efficiency paradigm: the ``distill`` stage and its objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
 (:mod:`polm.plugins.efficiency.distill`), a smaller student trained towards a teacher's next-token
-distributions."""
+distributions; and the ``polm export`` command (:mod:`polm.plugins.efficiency.export`), a checkpoint as a
+GGUF file for llama.cpp."""
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.objectives import DISTILLATION
 from polm.plugins.efficiency.distill import DistillStage, forward_kl, jsd, reverse_kl
+from polm.plugins.efficiency.export import EXPORT_COMMAND
 
 
 @hookimpl
@@ -27,3 +29,9 @@ def polm_register_stages(register: Register) -> None:
     register("distill", DistillStage,
              description="a smaller student (teacher config + overrides, from the teacher's layers) trained towards "
                          "the teacher's next-token distributions on the completions of data")
+
+
+@hookimpl
+def polm_register_commands(register: Register) -> None:
+    register("export", EXPORT_COMMAND, description="a Llama-architecture checkpoint as a GGUF file for llama.cpp "
+                                                   "(f32, f16, q8_0)")
