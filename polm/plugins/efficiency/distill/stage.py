@@ -91,7 +91,10 @@ class DistillStage(LanguageModellingStage):
 
     def run(self, context: StageContext) -> StageOutput:
         self.teacher.to(next(context.model.parameters()).device)
-        return super().run(context)
+        try:
+            return super().run(context)
+        finally:
+            self.teacher = None  # the later stages continue from the student; the teacher's memory is freed
 
 
 def distill_loss(student: torch.nn.Module, batch: dict[str, Any], teacher: torch.nn.Module,
