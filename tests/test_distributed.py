@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 CHILD = """
 import atexit, json, os, signal, sys
 import torch
-# Registered first, so it runs last: whether the process group outlived polm's own exit handler.
-atexit.register(lambda: print("PROCESS GROUP AT EXIT", torch.distributed.is_initialized(), flush=True))
+# Registered first, so it runs last: whether the process group outlived polm's own exit handler. One write
+# call, so that the two processes' lines do not interleave in the shared pipe (print writes its parts apart).
+atexit.register(lambda: os.write(1, f"PROCESS GROUP AT EXIT {torch.distributed.is_initialized()}\\n".encode()))
 spec = json.loads(open(sys.argv[1]).read())
 torch.set_num_threads(1)
 import polm
