@@ -98,7 +98,10 @@ def test_distill_loss_is_the_objective_of_both_models_logits_and_trains_only_the
 def test_the_stage_distils_into_a_smaller_student_that_plain_transformers_loads(objective, random_model, tokenizer,
                                                                                   arithmetic, tmp_path):
     """sft (the teacher) -> distill into one layer: the divergence falls over 30 steps, ``final/`` is the
-    smaller model as a plain transformers folder, and the stage's options record the student."""
+    smaller model as a plain transformers folder, and the stage's options record the student.
+
+    The last 5 steps' divergence over the first 5's, by script with this test's calls at pipeline seeds 0 / 1 / 2
+    and one and two threads (AMD EPYC): 0.018 to 0.021 for all three objectives, against the bound of 0.7."""
     rows, _ = arithmetic
     common = {"data": rows, "batch_size": 8, "eval_size": 0, "log_every": 1}
     result = polm.Pipeline(random_model, tokenizer=tokenizer).add("sft", **common, max_steps=20, lr=3e-3).add(

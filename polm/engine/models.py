@@ -11,6 +11,13 @@ from polm.engine.errors import PolmError, did_you_mean
 from polm.engine.quiet import no_transformers_progress
 
 STAGE_FILE = "polm_stage.json"
+#: The folder of a finished stage's model inside the stage's folder of a run (``00-sft/final``).
+FINAL_DIR = "final"
+
+
+def stage_model_folder(path: Path) -> Path:
+    """Where the model of ``path`` is: its ``final/`` when ``path`` is a run's stage folder, else ``path``."""
+    return path / FINAL_DIR if (path / FINAL_DIR).is_dir() else path
 
 
 def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
@@ -41,8 +48,7 @@ def load_model(spec: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
             model, loaded_tokenizer = models.get(spec)()
         return model, _ready(tokenizer or loaded_tokenizer)
     path = Path(spec)
-    if path.is_dir() and (path / "final").is_dir():
-        path = path / "final"  # a stage folder of a run
+    path = stage_model_folder(path)
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise PolmError(
             f"model '{spec}' is neither a folder nor a registered model.{did_you_mean(spec, models)} "

@@ -27,13 +27,12 @@ from polm.engine.checkpoint import (
 from polm.engine.data import file_stamps
 from polm.engine.distributed import on_main_process, process_state, release_process_group_at_exit
 from polm.engine.errors import PolmError
-from polm.engine.models import STAGE_FILE, load_model
+from polm.engine.models import FINAL_DIR, STAGE_FILE, load_model
 from polm.engine.options import parse_options
 from polm.engine.stage import Stage, StageContext
 from polm.engine.tuning import is_peft, tuning_method
 
 RUN_FILE = "run.json"
-FINAL_DIR = "final"
 MERGED_DIR = "merged"
 
 

@@ -19,10 +19,9 @@ from accelerate import PartialState
 
 from polm.engine.encoding import encode_completion, pad_batch
 from polm.engine.errors import PolmError
+from polm.engine.models import stage_model_folder
 from polm.engine.quiet import no_transformers_progress
 from polm.engine.tuning import is_peft, unwrap_peft
-
-FINAL_DIR = "final"
 
 
 def build_reward_model(policy: torch.nn.Module, pad_token_id: int) -> torch.nn.Module:
@@ -61,9 +60,7 @@ def resolve_reward_model_path(path: str | Path) -> Path:
     Raises:
         PolmError: no such folder, or it holds no model config.
     """
-    folder = Path(path).expanduser()
-    if (folder / FINAL_DIR).is_dir():
-        folder = folder / FINAL_DIR
+    folder = stage_model_folder(Path(path).expanduser())
     if not (folder / "config.json").is_file():
         raise PolmError(f"reward model '{path}' not found: expected a folder with config.json (a reward_model "
                         "stage's folder or its final/); train one with the reward_model stage")

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from polm.engine.encoding import media_inputs
 from polm.engine.errors import PolmError
 from polm.engine.lm import LanguageModellingOptions, LanguageModellingStage
 from polm.engine.log import get_logger
 from polm.engine.media import reads_media
-from polm.engine.models import load_model
+from polm.engine.models import count_parameters, load_model
 from polm.engine.objectives import DISTILLATION, DistillationObjective
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.tuning import is_peft, unwrap_peft
@@ -81,8 +80,8 @@ class DistillStage(LanguageModellingStage):
         student, started = build_student(teacher, self.options.student, self.options.student_init)
         get_logger().info(
             "%s: student of %s parameters (teacher %s); %d tensors copied from the teacher, %d sliced, %d random",
-            self.name, f"{_parameters(student):,}", f"{_parameters(teacher):,}", started.copied, started.sliced,
-            started.random)
+            self.name, f"{count_parameters(student)[1]:,}", f"{count_parameters(teacher)[1]:,}", started.copied,
+            started.sliced, started.random)
         return super().prepare(student)
 
     def loss(self) -> Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]:
@@ -100,14 +99,12 @@ class DistillStage(LanguageModellingStage):
 def distill_loss(student: torch.nn.Module, batch: dict[str, Any], teacher: torch.nn.Module,
                  objective: DistillationObjective, options: Mapping[str, Any] | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``objective(student logits, teacher logits, labels, **options)`` of a padded batch; the teacher runs
-    without gradients."""
+    """``objective(student logits, teacher logits, labels, **options)`` of a padded batch of text (rows with
+    media are refused before the stage starts: the student is a text model); the teacher runs without
+    gradients."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = student(**inputs, **media_inputs(student, batch.get("media"))).logits
+    logits = student(**inputs).logits
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
     return objective(logits, teacher_logits, batch["labels"], **(options or {}))
 
-
-def _parameters(model: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())

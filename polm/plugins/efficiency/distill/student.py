@@ -12,14 +12,13 @@ teacher's starts from the student's own random initialisation.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from polm.engine.errors import PolmError
+from polm.engine.errors import PolmError, did_you_mean
 
 #: The first ``.N.`` of a parameter name: the layer index in transformers' decoder models
 #: (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn.weight``).
@@ -45,9 +44,8 @@ def student_config(teacher_config: Any, overrides: dict[str, Any]) -> Any:
     known = sorted(config.to_dict())
     for key, value in overrides.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PolmError(f"option 'student': '{key}' is not a field of the teacher's {type(config).__name__}.{hint}")
+            raise PolmError(f"option 'student': '{key}' is not a field of the teacher's {type(config).__name__}."
+                            f"{did_you_mean(key, known)}")
         setattr(config, key, value)
     return config
 

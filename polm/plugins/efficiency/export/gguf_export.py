@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from polm.engine.errors import PolmError, did_you_mean
+from polm.engine.models import stage_model_folder
 
 FORMATS = ("gguf",)
 TYPES = ("f32", "f16", "q8_0")
@@ -511,8 +512,7 @@ def _model_folder(checkpoint: Path) -> Path:
     if not checkpoint.is_dir():
         raise PolmError(f"{checkpoint} is not a folder; give a model folder (save_pretrained) or a run's stage "
                         "folder")
-    if (checkpoint / "final").is_dir():  # a stage folder of a run
-        checkpoint = checkpoint / "final"
+    checkpoint = stage_model_folder(checkpoint)
     if not (checkpoint / "config.json").is_file():
         if (checkpoint / "adapter_config.json").is_file():
             raise PolmError(f"{checkpoint} holds a peft adapter, not a whole model; export the merged model "

@@ -29,6 +29,7 @@ from transformers import (
 
 from polm.engine.encoding import IGNORE_INDEX, pad_batch
 from polm.engine.errors import PolmError
+from polm.engine.models import stage_model_folder
 from polm.engine.quiet import no_transformers_progress
 from polm.plugins.reasoning.prm.likelihood import step_token_logps
 from polm.plugins.reasoning.prm.steps import Span, encode_solution, pad_step_index, step_spans
@@ -139,9 +140,7 @@ def load_process_reward_model(path: str | Path) -> tuple[PreTrainedModel, Any]:
     Raises:
         PolmError: if the folder holds no PRM.
     """
-    path = Path(path)
-    if (path / "final").is_dir():
-        path = path / "final"
+    path = stage_model_folder(Path(path))
     if not (path / "config.json").is_file():
         raise PolmError(f"no process reward model in {path}; point to the folder of a 'prm' stage")
     likelihood = getattr(AutoConfig.from_pretrained(path), HEAD_KEY, None) == "likelihood"
