@@ -30,7 +30,7 @@ from polm.engine.errors import PolmError
 from polm.engine.models import FINAL_DIR, STAGE_FILE, load_model
 from polm.engine.options import parse_options
 from polm.engine.stage import Stage, StageContext
-from polm.engine.tuning import is_peft, tuning_method
+from polm.engine.tuning import is_peft
 
 RUN_FILE = "run.json"
 MERGED_DIR = "merged"
@@ -139,6 +139,10 @@ class Pipeline:
             from polm.engine.plugins import registry
 
             previous = self.stages[-1]
+            if previous.terminal:
+                raise PolmError(f"stage {len(self.stages)} '{stage}' cannot follow stage {len(self.stages) - 1} "
+                                f"'{previous.name}', whose result is final (a quantized model is served, not "
+                                f"trained); make '{previous.name}' the last stage")
             tuning = getattr(previous.options, "tuning", None)
             if tuning is not None and not registry("tuning_methods").get(tuning).mergeable:
                 raise PolmError(
@@ -246,7 +250,7 @@ class Pipeline:
                 claim()
             if finished:
                 if stage.trains_policy:
-                    tuning_method(stage.options).load_weights(model, final_dir)
+                    model = stage.load_finished(model, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue

@@ -19,6 +19,7 @@ from polm.engine.option_groups import DataOptions, RewardOptions
 from polm.engine.options import StageOptions
 from polm.engine.preflight import check_media, check_media_exists
 from polm.engine.rewards import check_reward_options, check_rewards
+from polm.engine.tuning import tuning_method
 
 
 @dataclass
@@ -75,6 +76,9 @@ class Stage:
     trains_policy: ClassVar[bool] = True
     #: The family of the objectives the stage's ``objective`` option may name; None for a stage without one.
     objective_family: ClassVar[str | None] = None
+    #: True for a stage whose result no later stage may start from (a quantized model is served, not trained):
+    #: :meth:`polm.engine.pipeline.Pipeline.add` refuses a stage after it.
+    terminal: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name
@@ -190,3 +194,11 @@ class Stage:
     def run(self, context: StageContext) -> StageOutput:
         """Train ``context.model`` (already prepared) and return it with final metrics."""
         raise NotImplementedError
+
+    def load_finished(self, model: torch.nn.Module, final_dir: Path) -> torch.nn.Module:
+        """The stage's result when a resumed run finds it finished: the weights in ``final_dir`` loaded into
+        ``model`` (the starting model after :meth:`prepare`) through the stage's tuning method. A stage whose
+        result has another form than the model it prepared (quantized tensors, pruned shapes) loads
+        ``final_dir`` itself."""
+        tuning_method(self.options).load_weights(model, final_dir)
+        return model

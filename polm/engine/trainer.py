@@ -85,6 +85,9 @@ class Task:
         save_state: ``folder -> None`` writes the stage's own state beyond the model (a value head) into each
             checkpoint folder; called by the main process only.
         load_state: ``folder -> None`` reads it back when a run resumes from that checkpoint.
+        after_step: ``model -> None``, called after each optimizer step (after the tuning method's own
+            ``after_step``) with the unwrapped model: what must hold of the weights throughout training, such
+            as a pruned model's zeros, is restored here.
     """
 
     rows: Sequence[Any]
@@ -92,6 +95,7 @@ class Task:
     extra_parameters: Sequence[torch.nn.Parameter] = ()
     save_state: Callable[[Path], None] | None = None
     load_state: Callable[[Path], None] | None = None
+    after_step: Callable[[torch.nn.Module], None] | None = None
 
 
 @dataclass(kw_only=True)
@@ -424,6 +428,8 @@ def train(name: str, context: StageContext, options: StageOptions, task: Trainin
                         window["grad_norm"].append(float(grad_norm))
                     optimizer.step()
                     tuning.after_step(accelerator.unwrap_model(model), step + 1, steps)
+                    if task.after_step is not None:
+                        task.after_step(accelerator.unwrap_model(model))
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

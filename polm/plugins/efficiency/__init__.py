@@ -1,7 +1,8 @@
 """The efficiency paradigm: the ``distill`` stage and its objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
 (:mod:`polm.plugins.efficiency.distill`), a smaller student trained towards a teacher's next-token
 distributions; and the ``polm export`` command (:mod:`polm.plugins.efficiency.export`), a checkpoint as a
-GGUF file for llama.cpp."""
+GGUF file for llama.cpp; and the ``quantize`` stage (:mod:`polm.plugins.efficiency.quantize`), int8 / int4
+Linear weights through torchao."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.objectives import DISTILLATION
 from polm.plugins.efficiency.distill import DistillStage, forward_kl, jsd, reverse_kl
 from polm.plugins.efficiency.export import EXPORT_COMMAND
+from polm.plugins.efficiency.quantize import QuantizeStage
 
 
 @hookimpl
@@ -29,6 +31,9 @@ def polm_register_stages(register: Register) -> None:
     register("distill", DistillStage,
              description="a smaller student (teacher config + overrides, from the teacher's layers) trained towards "
                          "the teacher's next-token distributions on the completions of data")
+    register("quantize", QuantizeStage,
+             description="post-training quantization of the Linear weights with torchao: int8 weight-only, "
+                         "dynamic int8, int4 weight-only (CUDA); the last stage of a recipe")
 
 
 @hookimpl
