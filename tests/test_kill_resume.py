@@ -44,6 +44,8 @@ STAGES = {
     "grpo num_iterations 2": [["grpo", {**SAMPLING, "num_generations": 4, "num_iterations": 2, "beta": 0.04}]],
     "prm": [["prm", {"data": "polm:arithmetic-steps"}]],
     "distill": [["distill", {"data": "polm:arithmetic", "student": {"num_hidden_layers": 1}}]],
+    "prune wanda + mlp, recovery": [["prune", {"data": "polm:arithmetic", "sparsity": 0.5, "mlp_fraction": 0.25,
+                                               "calibration_rows": 8}]],
     "align": [["align", {"data": "polm:shapes-captions", **IMAGE}]],
     "multimodal sft": [ALIGN, ["sft", {"data": "polm:shapes"}]],
     "multimodal grpo": [ALIGN, ["grpo", {"data": "polm:shapes", "rewards": {"length": 1.0}, "max_new_tokens": 4,

@@ -1,8 +1,9 @@
 """The efficiency paradigm: the ``distill`` stage and its objectives ``forward_kl``, ``reverse_kl`` and ``jsd``
 (:mod:`polm.plugins.efficiency.distill`), a smaller student trained towards a teacher's next-token
 distributions; and the ``polm export`` command (:mod:`polm.plugins.efficiency.export`), a checkpoint as a
-GGUF file for llama.cpp; and the ``quantize`` stage (:mod:`polm.plugins.efficiency.quantize`), int8 / int4
-Linear weights through torchao."""
+GGUF file for llama.cpp; the ``quantize`` stage (:mod:`polm.plugins.efficiency.quantize`), int8 / int4
+Linear weights through torchao; and the ``prune`` stage (:mod:`polm.plugins.efficiency.prune`), magnitude or
+Wanda sparsity and structured removal of MLP neurons and attention heads, with optional recovery fine-tuning."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.objectives import DISTILLATION
 from polm.plugins.efficiency.distill import DistillStage, forward_kl, jsd, reverse_kl
 from polm.plugins.efficiency.export import EXPORT_COMMAND
+from polm.plugins.efficiency.prune import PruneStage
 from polm.plugins.efficiency.quantize import QuantizeStage
 
 
@@ -31,6 +33,9 @@ def polm_register_stages(register: Register) -> None:
     register("distill", DistillStage,
              description="a smaller student (teacher config + overrides, from the teacher's layers) trained towards "
                          "the teacher's next-token distributions on the completions of data")
+    register("prune", PruneStage,
+             description="magnitude or Wanda sparsity, per layer or global, and structured removal of MLP neurons "
+                         "and attention heads (a smaller saved model); optional recovery fine-tuning, zeros kept")
     register("quantize", QuantizeStage,
              description="post-training quantization of the Linear weights with torchao: int8 weight-only, "
                          "dynamic int8, int4 weight-only (CUDA); the last stage of a recipe")
