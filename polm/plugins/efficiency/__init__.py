@@ -2,13 +2,16 @@
 (:mod:`polm.plugins.efficiency.distill`), a smaller student trained towards a teacher's next-token
 distributions; and the ``polm export`` command (:mod:`polm.plugins.efficiency.export`), a checkpoint as a
 GGUF file for llama.cpp; the ``quantize`` stage (:mod:`polm.plugins.efficiency.quantize`), int8 / int4
-Linear weights through torchao; and the ``prune`` stage (:mod:`polm.plugins.efficiency.prune`), magnitude or
-Wanda sparsity and structured removal of MLP neurons and attention heads, with optional recovery fine-tuning."""
+Linear weights through torchao; the ``prune`` stage (:mod:`polm.plugins.efficiency.prune`), magnitude or
+Wanda sparsity and structured removal of MLP neurons and attention heads, with optional recovery fine-tuning;
+and the ``polm compress`` command (:mod:`polm.plugins.efficiency.compress`), variants of a model measured side
+by side (parameters, bytes on disk, held-out metric, tokens/s, peak memory)."""
 
 from __future__ import annotations
 
 from polm.engine.hookspecs import Register, hookimpl
 from polm.engine.objectives import DISTILLATION
+from polm.plugins.efficiency.compress import COMPRESS_COMMAND
 from polm.plugins.efficiency.distill import DistillStage, forward_kl, jsd, reverse_kl
 from polm.plugins.efficiency.export import EXPORT_COMMAND
 from polm.plugins.efficiency.prune import PruneStage
@@ -45,3 +48,5 @@ def polm_register_stages(register: Register) -> None:
 def polm_register_commands(register: Register) -> None:
     register("export", EXPORT_COMMAND, description="a Llama-architecture checkpoint as a GGUF file for llama.cpp "
                                                    "(f32, f16, q8_0)")
+    register("compress", COMPRESS_COMMAND, description="variants of a model side by side: parameters, bytes on "
+                                                       "disk, held-out exact_match, tokens/s, peak memory")
