@@ -1,11 +1,13 @@
 """Learning tests on the shipped polm-tiny: post-training moves the metric it should move.
 
 The quickstart recipe runs once per session (the ``quickstart_run`` fixture of conftest, about five minutes
-on two CPU cores); the LoRA comparison adds about as much. Figures by seed and thread count come from
+on two CPU cores); the LoRA comparison (slow) adds about as much. Figures by seed and thread count come from
 ``python -m tests.seed_sweep`` (README, "Run the tests").
 """
 
 from __future__ import annotations
+
+import pytest
 
 import polm
 from polm.engine.models import count_parameters
@@ -32,6 +34,7 @@ def test_quickstart_sft_teaches_polm_tiny_to_answer_arithmetic(quickstart_run, r
     assert before < 0.10 and after >= 0.75, f"exact_match before {before:.1%}, after {after:.1%}"
 
 
+@pytest.mark.slow  # a second 3000-step run, about 5 minutes on two cores: the default suite stays under 20
 def test_lora_sft_comes_within_10_points_of_full_sft_training_under_5_percent(quickstart_run, seed, tmp_path,
                                                                               record_property):
     """LoRA at the quickstart's step budget reaches full SFT's exact_match minus at most 10 points.

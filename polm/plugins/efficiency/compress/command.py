@@ -113,7 +113,7 @@ def _compress(arguments: argparse.Namespace) -> int:
                 "repeats": arguments.repeats}
     document = report_document(measured, settings)
     title = (f"polm compress: {arguments.data}, {len(rows)} rows; {document['cpu']}, "
-             f"{document['threads']} threads")
+             f"{document['threads']} thread{'' if document['threads'] == 1 else 's'}")
     chart = chart_png(measured, title)  # drawn before anything is written
 
     output.mkdir(parents=True, exist_ok=True)
