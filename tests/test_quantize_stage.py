@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import polm
 from polm.engine.errors import PolmError
-from polm.plugins.efficiency.quantize import QuantizeStage, linear_bytes, quantize
+from polm.plugins.efficiency.quantize import linear_bytes, quantize
 
 pytest.importorskip("torchao")
 
@@ -102,7 +102,12 @@ def test_int4_without_a_gpu_is_refused_naming_what_runs_on_the_cpu():
 
 def test_int8_keeps_held_out_exact_match_within_two_points(short_sft_run, seed, tmp_path, record_property):
     """int8 weight-only quantization of the short SFT of polm-tiny (``short_sft_run``), scored on the 300
-    held-out questions of polm:arithmetic before and after: at most 2 points lost."""
+    held-out questions of polm:arithmetic before and after: at most 2 points lost.
+
+    Measured on an AMD EPYC at one thread (``python -m tests.seed_sweep``), seeds 0 / 1 / 2: 27.3 / 30.0 / 31.3%
+    in float32 and the same in int8 (no answer changed); Linear bytes 25.4% of float32. From the quickstart
+    model (seed 1, 79.0%) int8 weight-only and dynamic int8 both scored 79.3%.
+    """
     result = polm.Pipeline(str(short_sft_run.checkpoint), seed=seed).add(
         "quantize", eval_data="polm:arithmetic", eval_size=300, max_new_tokens=8).run(tmp_path / "run",
                                                                                      evaluate_before=True)
