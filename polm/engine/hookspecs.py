@@ -161,6 +161,25 @@ def polm_register_commands(register: Register) -> None:
     """
 
 
+@hookspec
+def polm_register_merge_methods(register: Register) -> None:
+    """Contribute model-merging methods, chosen with ``merge_method:`` in a merge config.
+
+    ``obj`` is a pure function over the tensors that share one name in every input model::
+
+        merge(tensors, base, *, <per-model parameters>, <method parameters>) -> torch.Tensor
+
+    ``tensors`` is a list with one tensor per input model (all of one shape), ``base`` the base model's
+    tensor or None. Each per-model parameter named in the ``model_parameters`` metadata (a dict of
+    defaults, e.g. ``{"weight": 1.0, "density": 1.0}``) arrives as a list with one float per model, from
+    ``models: [{model, parameters: {...}}]``; the function's other keyword parameters are the method's own
+    (``parameters:`` of the config), checked against its signature before any model loads. A ``generator``
+    keyword parameter receives a seeded ``torch.Generator`` for methods that sample. Metadata ``base``:
+    ``"required"``, ``"optional"`` or ``"unused"``; ``models``: the exact number of non-base models the
+    method takes, when it has one (slerp: 1).
+    """
+
+
 @hookspec(firstresult=True)
 def polm_load_model(path: Path, tokenizer: Any) -> tuple[torch.nn.Module, Any] | None:
     """Load a model folder that this plugin knows how to read.

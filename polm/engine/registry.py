@@ -21,6 +21,7 @@ COMPONENT_KINDS: tuple[str, ...] = (
     "models",
     "inference_methods",
     "commands",
+    "merge_methods",
 )
 
 
