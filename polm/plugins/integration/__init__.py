@@ -2,6 +2,8 @@
 
 Registers the ``align`` stage (LLaVA stage 1: connectors trained on captions);
 LLaVA's stage 2 is the ordinary ``sft`` stage on a multimodal model.
+Also registers mergekit's merge methods (``linear``, ``ties``, ``dare_ties``, ``slerp``, ...).
+The ``merge`` stage and the ``polm merge`` command apply them to whole models (:mod:`.merge`).
 """
 
 from __future__ import annotations
@@ -12,5 +14,21 @@ from polm.engine.hookspecs import Register, hookimpl
 @hookimpl
 def polm_register_stages(register: Register) -> None:
     from polm.plugins.integration.align.stage import AlignStage
+    from polm.plugins.integration.merge.stage import MergeStage
 
     register("align", AlignStage, description="train connectors between encoders and a frozen LM on captions (LLaVA 1)")
+    register("merge", MergeStage, description="merge the starting model with other saved models (ties, linear, ...)")
+
+
+@hookimpl
+def polm_register_merge_methods(register: Register) -> None:
+    from polm.plugins.integration.merge.methods import register_merge_methods
+
+    register_merge_methods(register)
+
+
+@hookimpl
+def polm_register_commands(register: Register) -> None:
+    from polm.plugins.integration.merge.command import MERGE_COMMAND
+
+    register("merge", MERGE_COMMAND, description="merge models as a mergekit-style YAML config says")

@@ -1,0 +1,40 @@
+"""``merge``: combining the weights of several models that share an architecture into one (mergekit's methods).
+
+The merge methods themselves are pure functions over tensors in :mod:`.methods`, registered through
+``polm_register_merge_methods``; reading a merge config and the model files around them lives beside them:
+
+- :mod:`.config`: the merge config (mergekit's YAML keys) read and checked against its method before any
+  model loads (:func:`read_merge_config`, :func:`check_merge_config`, :func:`find_merge_method`);
+- :mod:`.parameters`: a parameter's value for one tensor (scalars, gradients over the layers, name filters);
+- :mod:`.inputs`: each model resolved to a :class:`MergeInput` read tensor by tensor, and the checks that the
+  inputs match (:func:`check_compatible`); another kind of input adds a reader to :data:`INPUT_READERS`;
+- :mod:`.merge`: :func:`merge_models`, tensor by tensor into an atomically written folder;
+- :mod:`.writer`: the transformers folder, ``merge.json`` and the model card;
+- :mod:`.command` (``polm merge CONFIG --output DIR``) and :mod:`.stage` (the ``merge`` stage).
+"""
+
+from polm.plugins.integration.merge.command import MERGE_COMMAND
+from polm.plugins.integration.merge.config import (
+    MergeConfig,
+    MergeMethod,
+    check_merge_config,
+    find_merge_method,
+    merged_models,
+    read_merge_config,
+)
+from polm.plugins.integration.merge.inputs import (
+    INPUT_READERS,
+    MergeInput,
+    SafetensorsFolder,
+    check_compatible,
+    model_input,
+    open_input,
+)
+from polm.plugins.integration.merge.merge import MergeReport, merge_models, plan_tensors, resolve_keywords
+from polm.plugins.integration.merge.parameters import evaluate_setting, layer_position
+from polm.plugins.integration.merge.stage import MergeStage
+
+__all__ = ["INPUT_READERS", "MERGE_COMMAND", "MergeConfig", "MergeInput", "MergeMethod", "MergeReport",
+           "MergeStage", "SafetensorsFolder", "check_compatible", "check_merge_config", "evaluate_setting",
+           "find_merge_method", "layer_position", "merge_models", "merged_models", "model_input", "open_input",
+           "plan_tensors", "read_merge_config", "resolve_keywords"]
