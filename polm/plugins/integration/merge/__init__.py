@@ -10,6 +10,8 @@ The merge methods themselves are pure functions over tensors in :mod:`.methods`,
   inputs match (:func:`check_compatible`); another kind of input adds a reader to :data:`INPUT_READERS`;
 - :mod:`.merge`: :func:`merge_models`, tensor by tensor into an atomically written folder;
 - :mod:`.writer`: the transformers folder, ``merge.json`` and the model card;
+- :mod:`.lora`: LoRA adapters (:class:`LoraAdapter`) merged into their base or into a new adapter (``lora``);
+- :mod:`.multimodal`: polm multimodal models (language model, connectors, encoders) read and written as one input;
 - :mod:`.evaluate`: the base, the models and the merge scored on held-out data (``--eval``), one table;
 - :mod:`.search`: a grid of weights and density tried against that score (``--search``), the best kept;
 - :mod:`.command` (``polm merge CONFIG --output DIR``) and :mod:`.stage` (the ``merge`` stage).
@@ -17,6 +19,7 @@ The merge methods themselves are pure functions over tensors in :mod:`.methods`,
 
 from polm.plugins.integration.merge.command import MERGE_COMMAND
 from polm.plugins.integration.merge.config import (
+    LoraMerge,
     MergeConfig,
     MergeMethod,
     check_merge_config,
@@ -40,13 +43,17 @@ from polm.plugins.integration.merge.inputs import (
     model_input,
     open_input,
 )
+from polm.plugins.integration.merge.lora import LoraAdapter
 from polm.plugins.integration.merge.merge import MergeReport, merge_models, plan_tensors, resolve_keywords
+from polm.plugins.integration.merge.multimodal import MultimodalFolder
 from polm.plugins.integration.merge.parameters import evaluate_setting, layer_position
 from polm.plugins.integration.merge.search import Candidate, SearchResult, search_grid, search_merge
 from polm.plugins.integration.merge.stage import MergeStage
 
-__all__ = ["INPUT_READERS", "MERGE_COMMAND", "Candidate", "EvalTask", "MergeConfig", "MergeEvaluation", "MergeInput",
-           "MergeMethod", "MergeReport", "MergeStage", "SafetensorsFolder", "Scorer", "SearchResult",
+__all__ = ["INPUT_READERS", "MERGE_COMMAND", "Candidate", "EvalTask", "LoraAdapter", "LoraMerge", "MergeConfig",
+           "MergeEvaluation", "MergeInput",
+           "MergeMethod", "MergeReport", "MergeStage", "MultimodalFolder", "SafetensorsFolder", "Scorer",
+           "SearchResult",
            "check_compatible", "check_merge_config", "eval_tasks", "evaluate_merge", "evaluate_setting",
            "exact_match_scorer", "find_merge_method", "layer_position", "merge_models", "merged_models",
            "model_input", "open_input", "plan_tensors", "read_merge_config", "resolve_keywords", "search_grid",

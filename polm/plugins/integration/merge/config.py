@@ -25,6 +25,26 @@ in; without either each keeps its dtype in the base model (the first model when 
 methods compute in at least float32 whatever the dtype. ``tokenizer_source`` may be ``base`` or one of the
 inputs: the models must share one vocabulary anyway, so it only chooses whose tokenizer files are written.
 
+LoRA adapters (peft adapter folders: ``adapter_config.json`` and ``adapter_model.safetensors``, such as a polm
+LoRA stage's ``final/``) merge like models, on the base they share (``base_model``, else their
+``base_model_name_or_path``), as the polm key ``lora`` says (mergekit has none; see :class:`LoraMerge`)::
+
+    lora: {output: adapter, combine: svd, rank: 16}
+
+polm multimodal models (a folder with ``multimodal.json``) merge part by part: the language model, the
+connectors and the encoders (:mod:`.multimodal`). ``merge_method`` and ``parameters`` merge every part but
+those the polm key ``parts`` gives a method of their own::
+
+    merge_method: ties            # the language model and the encoders
+    parameters: {density: 0.5}
+    parts:
+      connectors: {merge_method: linear, parameters: {normalize: true}}
+
+A part is ``language_model``, ``connectors`` or ``encoders``; it is merged as if its ``merge_method`` and
+``parameters`` were the config's (the top-level ``parameters`` do not reach it), with the same ``base_model``
+and models, each model's ``parameters`` applying where the part's method takes them (per part, through a
+filter: ``weight: [{filter: connectors., value: 0.5}, {value: 0.3}]``).
+
 Refused, with the line that holds them: mergekit's layer ``slices`` (and ``layer_range``), ``modules``, the
 ``tokenizer`` section, ``tokenizer_source: union``, and ``chat_template``; keys that neither tool knows get the
 closest valid key.
@@ -44,12 +64,20 @@ import yaml
 
 from polm.engine.errors import PolmError, did_you_mean
 from polm.engine.options import parse_options
-from polm.plugins.integration.merge.inputs import local_path, looks_like_path
+from polm.plugins.integration.merge.inputs import (
+    ADAPTER_CONFIG_FILE,
+    CONFIG_FILE,
+    local_path,
+    looks_like_path,
+)
 from polm.plugins.integration.merge.parameters import check_setting
 
 DTYPES = ("float32", "float16", "bfloat16")
 BASE_POLICIES = ("required", "optional", "unused")
 MODEL_KEYS = ("model", "parameters")
+#: The parts of a polm multimodal model that ``parts`` may give a method of their own, and a part's keys.
+PART_NAMES = ("language_model", "connectors", "encoders")
+PART_KEYS = ("merge_method", "parameters")
 #: mergekit keys polm reads but does not support, with what to do instead.
 UNSUPPORTED_KEYS = {
     "slices": "layer slices (frankenmerges, passthrough of layer ranges) are not supported; merge whole models "
@@ -60,6 +88,46 @@ UNSUPPORTED_KEYS = {
     "chat_template": "setting a chat template is not supported; the output keeps the tokenizer source's",
     "layer_range": "layer ranges (slices) are not supported; merge whole models",
 }
+
+
+LORA_OUTPUTS = ("base", "adapter")
+LORA_COMBINES = ("svd", "concat")
+#: The methods whose result is linear in the task vectors, so that ``combine: concat`` is exact for them.
+LINEAR_METHODS = ("linear", "task_arithmetic")
+
+
+@dataclass
+class LoraMerge:
+    """How LoRA adapters are merged: the ``lora`` key of a merge config (for adapters only).
+
+    Each adapted module's update is ``delta_m = s_m B_m A_m`` with ``s_m = alpha / r`` (``alpha / sqrt(r)`` with
+    rsLoRA, ``alpha_pattern`` per module). ``output: base`` merges the full weights ``W`` (the base) and
+    ``W + delta_m`` exactly as full models are merged, into a transformers folder. ``output: adapter`` merges the
+    updates themselves (the base's tensor is zero where the method takes a base), then writes a peft adapter:
+    ``combine: svd`` factors the merged update back to ``rank`` (the best rank-``rank`` approximation), and
+    ``combine: concat`` stacks the adapters' scaled factors, ``B' = [c_1 s_1 B_1, ...]``, ``A' = [A_1; ...]``
+    (rank: the sum of the ranks), which is exact for the methods linear in the updates (``LINEAR_METHODS``) and
+    refused for the others.
+    """
+
+    output: str = field(default="base", metadata={
+        "help": "base: a full model, the updates merged into the base's weights; adapter: a new LoRA adapter",
+        "choices": LORA_OUTPUTS})
+    combine: str | None = field(default=None, metadata={
+        "help": "with output: adapter, svd (default: the merged update factored to rank) or concat (the adapters' "
+                "factors stacked; exact, for linear and task_arithmetic)", "choices": LORA_COMBINES})
+    rank: int | None = field(default=None, metadata={
+        "help": "with combine: svd, the new adapter's rank (default: the largest rank of the adapters)", "min": 1})
+
+    def __post_init__(self) -> None:
+        if self.output == "base" and (self.combine is not None or self.rank is not None):
+            raise ValueError(f"'{'combine' if self.combine is not None else 'rank'}' applies to output: adapter; "
+                             "output: base merges the updates into the base's weights")
+        if self.output == "adapter" and self.combine is None:
+            self.combine = "svd"
+        if self.combine == "concat" and self.rank is not None:
+            raise ValueError("'rank' applies to combine: svd; combine: concat's rank is the sum of the adapters' "
+                             "ranks")
 
 
 @dataclass
@@ -82,11 +150,30 @@ class MergeConfig:
         "help": "mergekit's output dtype; wins over dtype", "choices": DTYPES})
     tokenizer_source: str | None = field(default=None, metadata={
         "help": "whose tokenizer is written: base (default) or one of the models; the vocabularies must match"})
+    parts: dict = field(default_factory=dict, metadata={
+        "help": "for polm multimodal models (polm's key): a method per part, {connectors: {merge_method: linear, "
+                "parameters: {...}}}; parts: language_model, connectors, encoders; a part not named is merged by "
+                "merge_method and parameters"})
+    lora: dict = field(default_factory=dict, metadata={
+        "help": "for LoRA adapters (polm's key): {output: base | adapter, combine: svd | concat, rank: N}, see "
+                "LoraMerge; default output: base"})
 
     @property
     def saved_dtype(self) -> str | None:
         """The dtype the output is saved in, or None to keep each tensor's."""
         return self.out_dtype or self.dtype
+
+    def lora_merge(self, where: Location | None = None) -> LoraMerge:
+        """The ``lora`` key read as :class:`LoraMerge` (its defaults where it is not given).
+
+        Raises:
+            PolmError: one line naming the key: an unknown key, a value not among the choices, or ``combine`` /
+                ``rank`` where they do not apply.
+        """
+        where = where or Location()
+        if not isinstance(self.lora, dict):
+            raise PolmError(f"{where('lora')}: must be a mapping, e.g. {{output: adapter, combine: svd, rank: 8}}")
+        return parse_options(where("lora"), LoraMerge, self.lora)
 
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(MergeConfig))
@@ -176,13 +263,21 @@ class Location:
     Args:
         path: the config file, or None for a config given as a mapping.
         node: the file's YAML node tree (``yaml.compose``), whose marks give the lines.
+        prefix: keys put before every key asked for (:meth:`within`).
     """
 
-    def __init__(self, path: Path | None = None, node: yaml.Node | None = None) -> None:
+    def __init__(self, path: Path | None = None, node: yaml.Node | None = None,
+                 prefix: tuple[str | int, ...] = ()) -> None:
         self.path = path
         self.node = node
+        self.prefix = prefix
+
+    def within(self, *keys: str | int) -> Location:
+        """The location of the keys under ``keys``: a ``parts`` entry checked as a config of its own."""
+        return Location(self.path, self.node, (*self.prefix, *keys))
 
     def __call__(self, *keys: str | int) -> str:
+        keys = (*self.prefix, *keys)
         dotted = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in keys).lstrip(".")
         if self.path is None:
             return dotted or "merge config"
@@ -279,7 +374,8 @@ def check_merge_config(config: MergeConfig, where: Location | None = None, pipel
         PolmError: one line naming the key: an unknown method, a model entry without ``model`` or with an unknown
             key, a parameter the method does not take (with the valid ones), a malformed value, a required own
             parameter missing, no base for a method that needs one, the wrong number of models, a model path that
-            does not exist, or a ``tokenizer_source`` that is none of the inputs.
+            does not exist, or a ``tokenizer_source`` that is none of the inputs; a ``parts`` entry that names
+            no part, or whose method and parameters fail these checks.
     """
     where = where or Location()
     try:
@@ -306,7 +402,7 @@ def check_merge_config(config: MergeConfig, where: Location | None = None, pipel
     if missing:
         raise PolmError(f"{where('parameters')}: merge method '{method.name}' needs the parameter '{missing[0]}' "
                         f"(set it under the top-level parameters, e.g. {missing[0]}: 0.5)")
-    has_base = config.base_model is not None or pipeline_base
+    has_base = config.base_model is not None or pipeline_base or _all_adapters(config, relative_to)
     if method.base == "required" and not has_base:
         raise PolmError(f"{where('base_model')}: merge method '{method.name}' needs a base_model (the model the "
                         "task vectors are taken from)")
@@ -317,7 +413,57 @@ def check_merge_config(config: MergeConfig, where: Location | None = None, pipel
         raise PolmError(f"{where('models')}: merge method '{method.name}' takes exactly {method.models} model(s) "
                         f"besides the base, got {len(merged)}")
     _check_tokenizer_source(config, where, has_base, relative_to)
+    lora = config.lora_merge(where)
+    if lora.combine == "concat" and method.name not in LINEAR_METHODS:
+        raise PolmError(f"{where('lora', 'combine')}: concat is exact only for {' and '.join(LINEAR_METHODS)}, "
+                        f"whose result is linear in the adapters' updates; merge method '{method.name}' is not, so "
+                        "use combine: svd (the merged update factored to a rank) or output: base")
+    for part in config.parts:
+        _check_part(config, part, where, pipeline_base, relative_to)
     return method
+
+
+def part_config(config: MergeConfig, part: str) -> MergeConfig:
+    """The config the part ``part`` of ``config.parts`` is merged by: its ``merge_method`` and ``parameters``,
+    the base and models of ``config``, each model's ``parameters`` less those the part's method does not take.
+
+    Raises:
+        PolmError: the part's method is not registered.
+    """
+    setting = config.parts[part]
+    method = find_merge_method(setting["merge_method"])
+    models = [{**entry, "parameters": {name: value for name, value in (entry.get("parameters") or {}).items()
+                                       if name in method.model_parameters}} for entry in config.models]
+    return dataclasses.replace(config, merge_method=setting["merge_method"],
+                               parameters=dict(setting.get("parameters") or {}), models=models, parts={})
+
+
+def _check_part(config: MergeConfig, part: Any, where: Location, pipeline_base: bool,
+                relative_to: Path | None) -> None:
+    """A ``parts`` entry names a part and is a mapping whose method and parameters pass :func:`check_merge_config`."""
+    _refuse_unknown(part, PART_NAMES, where, ("parts", part), "parts (of a polm multimodal model)")
+    setting = config.parts[part]
+    if not isinstance(setting, dict) or not isinstance(setting.get("merge_method"), str):
+        raise PolmError(f"{where('parts', part)}: a part is a mapping with 'merge_method' and optional "
+                        "'parameters', e.g. {merge_method: linear, parameters: {normalize: true}}, "
+                        f"got {setting!r}")
+    for key in setting:
+        _refuse_unknown(key, PART_KEYS, where, ("parts", part, key), "part keys")
+    if not isinstance(setting.get("parameters") or {}, dict):
+        raise PolmError(f"{where('parts', part, 'parameters')}: must be a mapping, e.g. {{normalize: true}}, "
+                        f"got {setting['parameters']!r}")
+    try:
+        scoped = part_config(config, part)
+    except PolmError as error:
+        raise PolmError(f"{where('parts', part, 'merge_method')}: {error}") from None
+    check_merge_config(scoped, where.within("parts", part), pipeline_base, relative_to)
+
+
+def _all_adapters(config: MergeConfig, relative_to: Path | None) -> bool:
+    """Whether every model is a peft adapter folder, which names its base itself (``base_model_name_or_path``)."""
+    folders = [local_path(str(entry["model"]), relative_to) for entry in config.models]
+    return all(folder is not None and (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file()
+               for folder in folders)
 
 
 def _check_model_entry(entry: Any, index: int, method: MergeMethod, where: Location,

@@ -14,7 +14,7 @@ A reference in a merge config is resolved in this order:
 
 Another kind of input (a LoRA adapter, a polm multimodal model) is a :class:`MergeInput` subclass with its own
 ``kind``, and a reader inserted at the front of :data:`INPUT_READERS`; :func:`check_compatible` refuses to mix
-kinds. Until such a reader exists, peft adapter folders and multimodal folders are refused by name.
+kinds. polm multimodal folders are read so (:mod:`.multimodal`), and peft LoRA adapter folders (:mod:`.lora`).
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ class MergeInput:
 
     Attributes:
         kind: what sort of model it is; inputs of one merge share it, and the output is written in its format.
+        parts: the parts a config's ``parts`` may give a method of their own (a multimodal model's
+            ``language_model``, ``connectors``, ``encoders``); none for a transformers model.
         reference: the model as the merge config names it, for messages and ``merge.json``.
         resolved: where it was read from (a folder, or ``registered model``).
     """
 
     kind: ClassVar[str] = "transformers"
+    parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, reference: str, resolved: str) -> None:
         self.reference = reference
@@ -95,6 +98,15 @@ class MergeInput:
         """What ``merge.json`` records of the input."""
         return {"model": self.reference, "resolved": self.resolved, "kind": self.kind, "sha256": self.checksums()}
 
+    def part(self, name: str) -> str | None:
+        """The part (one of :attr:`parts`) the tensor ``name`` belongs to, or None for a model without parts."""
+        return None
+
+    def difference(self, other: MergeInput) -> str | None:
+        """Why ``other``, an input of the same kind, cannot merge with this one beyond its config and tensors
+        (a multimodal model's encoders and connectors), or None. Reads no tensor."""
+        return None
+
 
 class SafetensorsFolder(MergeInput):
     """A transformers model folder whose weights are ``*.safetensors`` files, opened lazily.
@@ -102,12 +114,15 @@ class SafetensorsFolder(MergeInput):
     Args:
         by_state_dict: identify the input by the sha256 of its state dict (a folder saved from a model object),
             rather than by its files' digests (a folder of the user's).
+        files: the weight files to read, where not every ``*.safetensors`` of the folder (a part of a multimodal
+            model); its config and tokenizer are still the folder's.
     """
 
-    def __init__(self, folder: Path, reference: str, resolved: str | None = None, by_state_dict: bool = False) -> None:
+    def __init__(self, folder: Path, reference: str, resolved: str | None = None, by_state_dict: bool = False,
+                 files: Sequence[Path] | None = None) -> None:
         super().__init__(reference, resolved or str(folder))
         self.folder = Path(folder)
-        self.files = sorted(self.folder.glob("*.safetensors"))
+        self.files = sorted(files) if files is not None else sorted(self.folder.glob("*.safetensors"))
         self.by_state_dict = by_state_dict
         self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
@@ -172,14 +187,8 @@ def read_safetensors_folder(reference: str, folder: Path, stack: ExitStack) -> M
     saved as safetensors (:func:`model_input`).
 
     Raises:
-        PolmError: a peft adapter or polm multimodal folder (not merged yet), or a folder with no ``config.json``.
+        PolmError: a folder with no ``config.json`` (peft adapters are :mod:`.lora`'s reader's).
     """
-    if (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file():
-        raise PolmError(f"model '{reference}': {folder} is a peft adapter; merging adapters is not supported yet, "
-                        "merge full models (a stage's final/merged, written with merge_adapters: true)")
-    if (folder / MULTIMODAL_CONFIG_FILE).is_file():
-        raise PolmError(f"model '{reference}': {folder} is a polm multimodal model; merging those is not "
-                        "supported yet, merge text language models")
     if not (folder / CONFIG_FILE).is_file():
         raise PolmError(f"model '{reference}': {folder} is not a model folder (it has no {CONFIG_FILE}); give a "
                         "transformers model folder, a run's stage folder (runs/a/00-sft) or a registered model")
@@ -244,8 +253,11 @@ def model_input(model: torch.nn.Module, tokenizer: Any, reference: str, stack: E
     to a temporary folder that ``stack`` removes, so that its tensors are named, and tied weights left out,
     as in a folder of the same model; identified by the sha256 of its state dict.
 
+    A polm multimodal model (whose ``save_pretrained`` writes ``multimodal.json``) is read as a
+    :class:`~.multimodal.MultimodalFolder`.
+
     Raises:
-        PolmError: a model without a transformers ``config`` (a multimodal model), which is not merged yet.
+        PolmError: a model that is neither a transformers model nor a polm multimodal model.
     """
     from polm.engine.quiet import no_transformers_progress
 
@@ -257,6 +269,10 @@ def model_input(model: torch.nn.Module, tokenizer: Any, reference: str, stack: E
         model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if (folder / MULTIMODAL_CONFIG_FILE).is_file():
+        from polm.plugins.integration.merge.multimodal import MultimodalFolder
+
+        return MultimodalFolder(folder, reference, stack, resolved=resolved, by_state_dict=True)
     return SafetensorsFolder(folder, reference, resolved=resolved, by_state_dict=True)
 
 
@@ -298,6 +314,9 @@ def check_compatible(inputs: Sequence[MergeInput]) -> None:
         pair = f"'{first.reference}' and '{other.reference}'"
         if other.kind != first.kind:
             raise PolmError(f"cannot merge {pair}: one is a {first.kind} model and the other a {other.kind}")
+        difference = first.difference(other)
+        if difference is not None:
+            raise PolmError(f"cannot merge {pair}: {difference}")
         if architecture(other) != architecture(first):
             raise PolmError(f"cannot merge {pair}: their architectures differ, {architecture(first)} and "
                             f"{architecture(other)}; merge models of one architecture")

@@ -10,6 +10,14 @@ not the method's to touch: they are copied from the base (the first model when t
 
 A method that samples (a ``generator`` keyword) gets a generator seeded from the merge's seed and the tensor's
 name, so a tensor's result depends on neither the order nor the other tensors.
+
+LoRA adapters are merged through inputs that stand for their full models or their updates
+(:func:`~.lora.prepare_lora_merge`, the ``lora`` key); a new adapter is written by :mod:`.lora`.
+
+An input with parts (a polm multimodal model: ``language_model.``, ``connectors.``, ``encoders.`` tensors) has
+its parts merged by the method and inputs of their ``parts`` entry (:func:`open_parts`), the others by the
+config's; gradients run over each part's own layers. The output is written in the inputs' format
+(:data:`~.writer.FOLDER_WRITERS`).
 """
 
 from __future__ import annotations
@@ -31,17 +39,19 @@ from polm.plugins.integration.merge.config import (
     MergeConfig,
     MergeMethod,
     check_merge_config,
+    find_merge_method,
     merged_models,
+    part_config,
     same_model,
 )
 from polm.plugins.integration.merge.inputs import MergeInput, check_compatible, model_input, open_input
+from polm.plugins.integration.merge.lora import prepare_lora_merge
 from polm.plugins.integration.merge.parameters import evaluate_setting, layer_count, layer_position
 from polm.plugins.integration.merge.writer import (
     DEFAULT_SHARD_BYTES,
+    FOLDER_WRITERS,
     merge_record,
-    write_model_files,
     write_record,
-    write_weights,
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,13 +81,26 @@ class MergeInputs:
 
 
 @dataclass
+class PartMerge:
+    """How the tensors of one part a config's ``parts`` names are merged: the config of the part
+    (:func:`~.config.part_config`), its method, and its inputs (the whole merge's, taken as that method takes a
+    base and models)."""
+
+    config: MergeConfig
+    method: MergeMethod
+    inputs: MergeInputs
+
+
+@dataclass
 class TensorPlan:
-    """One output tensor: its name, shape and saved dtype, and the keywords of the method's call (None: copied)."""
+    """One output tensor: its name, shape and saved dtype, and the keywords of the method's call (None: copied);
+    ``part``: the part of ``parts`` that merges it, or None for the config's own method."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     keywords: dict[str, Any] | None
+    part: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -140,6 +163,38 @@ def open_inputs(config: MergeConfig, method: MergeMethod, stack: ExitStack, rela
     return MergeInputs(base, models, entries)
 
 
+def open_parts(config: MergeConfig, inputs: MergeInputs, stack: ExitStack,
+               relative_to: Path | None = None, pipeline_base: bool = False) -> dict[str, PartMerge]:
+    """The merge of each part ``config.parts`` names, on the inputs :func:`open_inputs` opened (a model only the
+    part's method merges, the base's own entry under ``models``, is opened now).
+
+    Raises:
+        PolmError: ``parts`` set for inputs without parts (transformers models).
+    """
+    if not config.parts:
+        return {}
+    source = inputs.source
+    if not source.parts:
+        raise PolmError(f"parts: '{source.reference}' is a {source.kind} model, which has no parts; 'parts' gives "
+                        "the parts of polm multimodal models (language_model, connectors, encoders) their own method")
+    opened = {item.reference: item for item in inputs.all()}
+    merges = {}
+    for part in config.parts:
+        scoped = part_config(config, part)
+        method = find_merge_method(scoped.merge_method)
+        if method.base == "unused":
+            base = None
+        elif config.base_model is not None:
+            base = inputs.base
+        else:  # the pipeline's model, which open_inputs opened as the base or as the first model
+            base = opened.get(PIPELINE_MODEL) if pipeline_base else None
+        entries = merged_models(scoped, method, relative_to, pipeline_base)
+        models = [opened.get(str(entry["model"])) or open_input(str(entry["model"]), stack, relative_to)
+                  for entry in entries]
+        merges[part] = PartMerge(scoped, method, MergeInputs(base, models, entries))
+    return merges
+
+
 def resolve_keywords(config: MergeConfig, method: MergeMethod, entries: list[dict[str, Any]], name: str,
                      t: float) -> dict[str, Any]:
     """The keywords of the method's call for tensor ``name`` at layer position ``t``: each per-model parameter as
@@ -171,20 +226,26 @@ def resolve_keywords(config: MergeConfig, method: MergeMethod, entries: list[dic
     return keywords
 
 
-def plan_tensors(config: MergeConfig, method: MergeMethod, inputs: MergeInputs) -> list[TensorPlan]:
-    """Every output tensor, in the order of the source's tensors, with its saved dtype and its parameters."""
+def plan_tensors(config: MergeConfig, method: MergeMethod, inputs: MergeInputs,
+                 parts: dict[str, PartMerge] | None = None) -> list[TensorPlan]:
+    """Every output tensor, in the order of the source's tensors, with its saved dtype and its parameters (those
+    of its part's merge where ``parts`` has one)."""
     source = inputs.source
     names = source.tensor_names()
-    layers = layer_count(names)
+    layers = {part: layer_count(name for name in names if source.part(name) == part)
+              for part in {source.part(name) for name in names}}
     saved = DTYPES[config.saved_dtype] if config.saved_dtype else None
     plans = []
     for name in names:
         stored = source.dtype(name)
+        part = source.part(name)
         if not stored.is_floating_point:
             plans.append(TensorPlan(name, source.shape(name), stored, None))
             continue
-        keywords = resolve_keywords(config, method, inputs.entries, name, layer_position(name, layers))
-        plans.append(TensorPlan(name, source.shape(name), saved or stored, keywords))
+        merge = (parts or {}).get(part)
+        by = merge or PartMerge(config, method, inputs)
+        keywords = resolve_keywords(by.config, by.method, by.inputs.entries, name, layer_position(name, layers[part]))
+        plans.append(TensorPlan(name, source.shape(name), saved or stored, keywords, part if merge else None))
     return plans
 
 
@@ -236,8 +297,8 @@ def given_config(config: MergeConfig) -> dict[str, Any]:
 def merge_models(config: MergeConfig, output: str | Path, *, relative_to: Path | None = None, seed: int = 0,
                  dtype: str | None = None, pipeline_model: tuple[torch.nn.Module, Any] | None = None,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, show_progress: bool = False) -> MergeReport:
-    """Merge the models ``config`` names into a new transformers folder ``output``, with ``merge.json`` and
-    ``README.md``.
+    """Merge the models ``config`` names into a new folder ``output`` in their format (a transformers folder, or
+    a polm multimodal model's), with ``merge.json`` and ``README.md``.
 
     Args:
         relative_to: the folder relative model paths are looked up in first (the config file's folder).
@@ -266,17 +327,39 @@ def merge_models(config: MergeConfig, output: str | Path, *, relative_to: Path |
     check_output_folder(output)
     with ExitStack() as stack:
         inputs = open_inputs(config, method, stack, relative_to, pipeline_model)
+        lora = prepare_lora_merge(config, inputs.base, inputs.models, stack)  # None unless merging LoRA adapters
+        if lora is not None:
+            inputs = MergeInputs(lora.merged_base, lora.merged, inputs.entries)
         check_compatible(inputs.all())
-        plans = plan_tensors(config, method, inputs)
+        parts = open_parts(config, inputs, stack, relative_to, pipeline_base=pipeline_model is not None)
+        opened_for_parts = [model for merge in parts.values() for model in merge.inputs.models
+                            if all(model is not other for other in inputs.all())]
+        if opened_for_parts:
+            check_compatible([inputs.source, *opened_for_parts])
+        plans = plan_tensors(config, method, inputs, parts)
         record = merge_record(given, method.name, inputs.base, inputs.models, seed,
                               config.saved_dtype, len(plans))
+        if inputs.source.parts:
+            record["parts"] = {part: (parts[part].method.name if part in parts else method.name)
+                               for part in dict.fromkeys(inputs.source.part(plan.name) for plan in plans)}
+        if lora is not None:
+            record["lora"] = lora.record()
         by_name = {plan.name: plan for plan in plans}
+
+        def produce(name: str) -> torch.Tensor:
+            plan = by_name[name]
+            if plan.part is None:
+                return merge_tensor(method, plan, inputs, seed)
+            return merge_tensor(parts[plan.part].method, plan, parts[plan.part].inputs, seed)
+
         with atomic_directory(output) as folder:
-            write_weights(folder, [plan.name for plan in plans], [plan.bytes for plan in plans],
-                          lambda name: merge_tensor(method, by_name[name], inputs, seed), max_shard_bytes,
-                          show_progress)
-            write_model_files(folder, inputs.source, _tokenizer_source(config, inputs, relative_to),
-                              config.saved_dtype)
+            if lora is not None and lora.writes_adapter:
+                lora.write_adapter(folder, method, plans, produce, _tokenizer_source(config, inputs, relative_to))
+            else:
+                FOLDER_WRITERS[inputs.source.kind](
+                    folder, inputs.source, _tokenizer_source(config, inputs, relative_to), config.saved_dtype,
+                    [plan.name for plan in plans], [plan.bytes for plan in plans], produce, max_shard_bytes,
+                    show_progress)
             write_record(folder, record, output.name)
         base = inputs.base.reference if inputs.base is not None else None
         models = [model.reference for model in inputs.models]

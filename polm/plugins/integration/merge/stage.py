@@ -12,7 +12,10 @@ The base is the pipeline's model (the previous stage's result, its adapters merg
 names another; a method that uses no base (``linear``) merges the pipeline's model as its first model instead,
 with the top-level ``parameters`` (``parameters: {weight: 0.7}``). The merge is written to a temporary folder
 by :func:`~.merge.merge_models`, exactly as ``polm merge`` writes it, and loaded back: that model goes on to the
-next stage and the pipeline saves it as the stage's ``final/``; ``merge.json`` lands in the stage's folder.
+next stage and the pipeline saves it as the stage's ``final/``; ``merge.json`` lands in the stage's folder. A
+polm multimodal model merges part by part with saved multimodal models of its make (``parts``, see
+:mod:`.multimodal`); its language model's adapters, if an earlier stage trained some, are merged in first.
+Saved LoRA adapters among the models are merged into the pipeline's model (``lora: {output: base}``, :mod:`.lora`).
 """
 
 from __future__ import annotations
@@ -43,16 +46,15 @@ class MergeStage(Stage):
         """The method exists and takes the parameters given, the models exist, and their count suits the method."""
         super().check()
         check_merge_config(self.options, pipeline_base=True)
+        if self.options.lora_merge().output == "adapter":
+            raise PolmError("lora.output: a merge stage hands a model on, not an adapter; merge LoRA adapters into "
+                            "the pipeline's model with output: base (the default), or write an adapter with polm merge")
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The starting model with an earlier stage's adapters merged in.
-
-        Raises:
-            PolmError: a model that reads media (merging multimodal models is not supported yet).
-        """
+        """The starting model with an earlier stage's adapters merged in (a multimodal model's into its language
+        model)."""
         if reads_media(model):
-            raise PolmError(f"{self.name}: {type(model).__name__} reads media; merging multimodal models is not "
-                            "supported yet")
+            return model.tune_language_model(lambda lm: unwrap_peft(lm) if is_peft(lm) else lm)
         return unwrap_peft(model) if is_peft(model) else model
 
     def run(self, context: StageContext) -> StageOutput:

@@ -4,7 +4,8 @@ The folder is what ``save_pretrained`` would write: ``config.json`` and ``genera
 the output takes them from (the base, else the first model), its ``dtype`` set to the saved dtype,
 ``model.safetensors`` (or ``model-00001-of-0000N.safetensors`` shards and ``model.safetensors.index.json`` past
 ``max_shard_bytes``) and the tokenizer. Tensors are produced one at a time and each shard is written as soon as
-it is full, so the output is never all in memory either.
+it is full, so the output is never all in memory either. Another kind of input writes its own layout through
+:data:`FOLDER_WRITERS` (a polm multimodal model's: :func:`~.multimodal.write_multimodal_folder`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,23 @@ def write_model_files(folder: Path, source: MergeInput, tokenizer_source: MergeI
     tokenizer.save_pretrained(folder)
 
 
+def write_transformers_folder(folder: Path, source: MergeInput, tokenizer_source: MergeInput | None,
+                              dtype: str | None, names: Sequence[str], sizes: Sequence[int],
+                              produce: Callable[[str], torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                              show_progress: bool = False) -> None:
+    """The weights (:func:`write_weights`) and the model files (:func:`write_model_files`) of a transformers
+    folder."""
+    write_weights(folder, names, sizes, produce, max_shard_bytes, show_progress)
+    write_model_files(folder, source, tokenizer_source, dtype)
+
+
+FolderWriter = Callable[[Path, MergeInput, "MergeInput | None", "str | None", Sequence[str], Sequence[int],
+                         Callable[[str], torch.Tensor], int, bool], None]
+#: How a merge of each kind of input (:attr:`~.inputs.MergeInput.kind`) is written, with the arguments of
+#: :func:`write_transformers_folder`; another kind of input adds its writer.
+FOLDER_WRITERS: dict[str, FolderWriter] = {"transformers": write_transformers_folder}
+
+
 def merge_record(config: dict[str, Any], method: str, base: MergeInput | None, models: Sequence[MergeInput],
                  seed: int, dtype: str | None, tensors: int) -> dict[str, Any]:
     """What ``merge.json`` holds: the config as given, each input with its sha256, the polm version, the method,
@@ -128,9 +146,20 @@ def model_card(title: str, record: dict[str, Any]) -> str:
     models = ", ".join(f"`{model['model']}`" for model in record["models"])
     base = record["base_model"]
     onto = f" onto `{base['model']}`" if base is not None else ""
-    return (f"---\nlibrary_name: transformers\ntags:\n- merge\n- polm\n---\n\n# {title}\n\n"
+    parts = record.get("parts")
+    methods = ", ".join(f"{part} by `{name}`" for part, name in (parts or {}).items())
+    by_part = "" if not parts else (" A polm multimodal model (load it with `polm.load_model`), each part merged "
+                                    f"by its method: {methods}.")
+    lora = record.get("lora") or {}
+    adapter = lora.get("output") == "adapter"
+    of_lora = "" if not lora else (
+        f" LoRA adapters merged into a new adapter (rank {lora['rank']}, by {lora['combine']}); load it with "
+        "`peft.PeftModel.from_pretrained` or `polm.load_model`." if adapter
+        else " LoRA adapters merged into their base's weights.")
+    return (f"---\nlibrary_name: {'peft' if adapter else 'transformers'}\ntags:\n- merge\n- polm\n---\n\n# {title}\n\n"
             f"A `{record['merge_method']}` merge of {models}{onto}, made with polm {record['polm_version']} "
-            f"(`polm merge`). `{RECORD_FILE}` records the config, the inputs' sha256 and the polm version.\n")
+            f"(`polm merge`). `{RECORD_FILE}` records the config, the inputs' sha256 and the polm version.{by_part}"
+            f"{of_lora}\n")
 
 
 def write_record(folder: Path, record: dict[str, Any], title: str) -> None:
