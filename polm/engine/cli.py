@@ -23,6 +23,7 @@ from polm.engine.distributed import process_state
 from polm.engine.errors import PolmError
 from polm.engine.log import get_logger
 from polm.engine.plugins import plugins_report, registry
+from polm.engine.retrieval import DEFAULT_RETRIEVER, DEFAULT_TOP_K
 
 QUICKSTART_RECIPE = "quickstart.yaml"
 console = Console()
@@ -143,14 +144,29 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of --method, e.g. k=8 or reward_options.checkpoint=runs/x/01-prm "
                              "(repeatable; values read as YAML)")
+    parser.add_argument("--documents", help="answer with retrieval: passages ('polm:<name>' or a file of "
+                                            "{id, text} rows) searched for each question, the best --top-k "
+                                            "put in its prompt as rag_sft tunes on them")
+    parser.add_argument("--documents-split", help="the split of a bundled --documents set (default train)")
+    parser.add_argument("--retriever",
+                        help=f"a registered retriever (polm plugins lists them; default {DEFAULT_RETRIEVER})")
+    parser.add_argument("--top-k", type=int, help=f"passages per question (default {DEFAULT_TOP_K})")
 
 
 def _eval(arguments: argparse.Namespace) -> int:
     from polm.engine.evaluation import evaluate
 
+    retrieval = {"documents_split": arguments.documents_split, "retriever": arguments.retriever,
+                 "top_k": arguments.top_k}
+    if arguments.documents is None and any(value is not None for value in retrieval.values()):
+        given = next(name for name, value in retrieval.items() if value is not None)
+        raise PolmError(f"--{given.replace('_', '-')} is a setting of retrieval; give --documents as well")
+    retrieval = {name: value for name, value in retrieval.items() if value is not None}
+
     metrics = evaluate(arguments.checkpoint, arguments.data, arguments.split, size=arguments.size,
                        max_new_tokens=arguments.max_new_tokens, show_progress=True, method=arguments.method,
-                       method_options=method_options(arguments.options))
+                       method_options=method_options(arguments.options), documents=arguments.documents,
+                       **retrieval)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -16,6 +16,7 @@ import torch
 from polm.engine.answers import answers_match
 from polm.engine.data import Row, load_rows, row_format
 from polm.engine.errors import PolmError, did_you_mean
+from polm.engine.retrieval import DEFAULT_RETRIEVER, DEFAULT_TOP_K, DocumentStore, with_passages
 from polm.engine.rl.rollout import sample
 
 #: How the engine calls an inference method: ``(model, tokenizer, rows, *, max_new_tokens, **options)``.
@@ -138,7 +139,9 @@ def scaled_exact_match(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Ro
 def evaluate(model_or_checkpoint: Any, data: Any, split: str = "test", *, tokenizer: Any = None,
              size: int | None = None, max_new_tokens: int = 32, batch_size: int = 32,
              show_progress: bool = False, method: str | None = None,
-             method_options: Mapping[str, Any] | None = None) -> dict[str, float]:
+             method_options: Mapping[str, Any] | None = None, documents: Any = None,
+             documents_split: str = "train", retriever: str = DEFAULT_RETRIEVER,
+             top_k: int = DEFAULT_TOP_K) -> dict[str, float]:
     """Evaluate a model or checkpoint on held-out data.
 
     Args:
@@ -148,6 +151,10 @@ def evaluate(model_or_checkpoint: Any, data: Any, split: str = "test", *, tokeni
         size: evaluate on the first ``size`` rows only.
         method: a registered inference-time scaling method; None decodes greedily.
         method_options: the options of ``method``, checked before the model loads.
+        documents: passages (``polm:<name>``, a file of ``{id, text}`` rows, a list) to answer with: each
+            question is asked with its best ``top_k`` passages by ``retriever``, in the prompt format
+            ``rag_sft`` tunes on (:mod:`polm.engine.retrieval`); None answers closed-book.
+        documents_split: the split of a bundled ``documents`` set.
 
     Returns:
         ``exact_match`` (and per-level figures) for rows with reference answers.
@@ -160,10 +167,13 @@ def evaluate(model_or_checkpoint: Any, data: Any, split: str = "test", *, tokeni
     elif method_options:
         raise PolmError(f"options {', '.join(method_options)} belong to an inference method; name it "
                         "(polm eval: --method NAME)")
+    store = DocumentStore.from_spec(documents, documents_split, retriever) if documents is not None else None
     model, tokenizer = load_model(model_or_checkpoint, tokenizer)
     rows = load_rows(data, split)
     if size:
         rows = rows[:size]
+    if store is not None:
+        rows = with_passages(rows, store, top_k)
     if method is not None:
         return scaled_exact_match(model, tokenizer, rows, method, max_new_tokens, **method_options)
     return exact_match(model, tokenizer, rows, max_new_tokens, batch_size, show_progress)

@@ -180,6 +180,21 @@ def polm_register_merge_methods(register: Register) -> None:
     """
 
 
+@hookspec
+def polm_register_retrievers(register: Register) -> None:
+    """Contribute retrievers for document stores, chosen with ``retriever:`` (``rag_sft``) or ``polm eval
+    --retriever``.
+
+    ``obj`` is a factory called with the texts of the store's passages and the retriever's options, once when
+    the store is built and again when passages are added::
+
+        build(texts: list[str], **options) -> Retriever
+
+    and the object it returns answers ``search(queries: list[str], k: int)`` with each query's best ``k``
+    passages as ``(index into texts, score)`` pairs, best first (:class:`polm.engine.retrieval.Retriever`).
+    """
+
+
 @hookspec(firstresult=True)
 def polm_load_model(path: Path, tokenizer: Any) -> tuple[torch.nn.Module, Any] | None:
     """Load a model folder that this plugin knows how to read.

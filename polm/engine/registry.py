@@ -22,6 +22,7 @@ COMPONENT_KINDS: tuple[str, ...] = (
     "inference_methods",
     "commands",
     "merge_methods",
+    "retrievers",
 )
 
 

@@ -81,6 +81,12 @@ def polm_register_datasets(register: Register) -> None:
         BundledDataset(partial(arithmetic_preference_rows),
                        description="preference pairs: the correct answer over a plausible wrong one"),
     )
+    from polm.modalities.text.tasks.lore import PASSAGE_SPLITS, QUESTION_SPLITS, lore_passage_rows, lore_rows
+
+    register("lore", BundledDataset(lore_rows, splits=QUESTION_SPLITS, description=(
+        "questions about invented towns, answered from polm:lore-passages (train, test, added towns)")))
+    register("lore-passages", BundledDataset(lore_passage_rows, splits=PASSAGE_SPLITS, description=(
+        "one passage per invented town, for a retriever's document store (train, added, all)")))
     from polm.modalities.text.tasks.arithmetic_chains import arithmetic_step_rows, arithmetic_think_rows
 
     register(

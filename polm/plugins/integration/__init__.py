@@ -4,6 +4,7 @@ Registers the ``align`` stage (LLaVA stage 1: connectors trained on captions);
 LLaVA's stage 2 is the ordinary ``sft`` stage on a multimodal model.
 Also registers mergekit's merge methods (``linear``, ``ties``, ``dare_ties``, ``slerp``, ...).
 The ``merge`` stage and the ``polm merge`` command apply them to whole models (:mod:`.merge`).
+Retrieval: the ``bm25`` retriever and the ``rag_sft`` stage, tuning on retrieved passages (:mod:`.retrieval`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from polm.engine.hookspecs import Register, hookimpl
 def polm_register_stages(register: Register) -> None:
     from polm.plugins.integration.align.stage import AlignStage
     from polm.plugins.integration.merge.stage import MergeStage
+    from polm.plugins.integration.retrieval.stage import RagSFTStage
 
     register("align", AlignStage, description="train connectors between encoders and a frozen LM on captions (LLaVA 1)")
     register("merge", MergeStage, description="merge the starting model with other saved models (ties, linear, ...)")
+    register("rag_sft", RagSFTStage, description="SFT on questions with their retrieved passages in the prompt (RA-DIT)")
+
+
+@hookimpl
+def polm_register_retrievers(register: Register) -> None:
+    from polm.plugins.integration.retrieval.bm25 import BM25Retriever
+
+    register("bm25", BM25Retriever, description="Okapi BM25 over word tokens (bm25s)")
 
 
 @hookimpl
