@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import polm
 from polm.engine.encoding import IGNORE_INDEX, Encoded
@@ -76,3 +77,21 @@ def final_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors file under ``folder`` but the checkpoints', keyed by file and name."""
     return {f"{file.relative_to(folder)}/{key}": tensor for file in sorted(folder.rglob("*.safetensors"))
             if "checkpoint-" not in str(file) for key, tensor in load_file(file).items()}
+
+
+def tiny_llama(tokenizer, seed: int, **overrides) -> LlamaForCausalLM:
+    """A random-init Llama (two layers, width 32, ~70k parameters; conftest's ``random_model`` is seed 0) after
+    ``torch.manual_seed(seed)``, its config changed by ``overrides``."""
+    settings = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+
+
+def save(model, tokenizer, folder: Path) -> Path:
+    """``model`` and ``tokenizer`` saved to ``folder``, which is returned."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import polm
 from polm.engine.cli import main
@@ -32,25 +32,9 @@ from polm.plugins.integration.merge import (
 )
 from polm.plugins.integration.merge.merge import open_inputs
 from polm.plugins.integration.merge.parameters import layer_position
-from tests.helpers import registered
+from tests.helpers import registered, save, tiny_llama
 
 KEPT_FILE, KEPT_TEXT = "notes.txt", "an earlier merge\n"
-
-
-def tiny_llama(tokenizer, seed: int, **overrides) -> LlamaForCausalLM:
-    """A random-init Llama of conftest's ``random_model`` shape (two layers, width 32), changed by ``overrides``."""
-    settings = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
-
-
-def save(model, tokenizer, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 import polm
 from polm.engine.cli import main
 from polm.plugins.integration.merge import merge_models, read_merge_config
-from tests.test_merge import one_error_line, save, tensors, tiny_llama, write_config
+from tests.helpers import save, tiny_llama
+from tests.test_merge import one_error_line, tensors, write_config
 
 PREFIX = "base_model.model."
 Q = "model.layers.1.self_attn.q_proj"

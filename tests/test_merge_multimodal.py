@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import polm
 from polm.engine.cli import main
@@ -28,6 +27,7 @@ from polm.engine.rl.rollout import sample
 from polm.modalities.multimodal.build import build_multimodal
 from polm.plugins.integration.merge import merge_models, read_merge_config
 from polm.plugins.integration.merge.methods import ties
+from tests.helpers import save, tiny_llama
 
 ENCODER = "open_clip:polm-tiny-vit"
 RESAMPLER = {"name": "resampler", "num_queries": 4, "depth": 1}
@@ -37,18 +37,8 @@ FILES = {"language_model": "language_model/model.safetensors", "connectors": "co
 
 def tiny_multimodal(tokenizer, seed: int, connector=None, encoder=ENCODER, intermediate_size: int = 64):
     """A random multimodal model: every weight (language model, ViT, connector) drawn after ``manual_seed(seed)``."""
-    torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+    lm = tiny_llama(tokenizer, seed, intermediate_size=intermediate_size)
     return build_multimodal(lm, {"image": encoder}, {"image": connector or RESAMPLER})
-
-
-def save(model, tokenizer, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

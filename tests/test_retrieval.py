@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import polm
 from polm.engine.cli import main
@@ -24,7 +22,7 @@ from polm.engine.hookspecs import hookimpl
 from polm.engine.retrieval import DocumentStore, Passage, read_passages, retrieval_prompt, with_passages
 from polm.modalities.text.tasks.lore import TOWN_COUNTS, lore_towns
 from polm.plugins.integration.retrieval import BM25Retriever
-from tests.helpers import registered
+from tests.helpers import registered, tiny_llama
 
 CORPUS = ["amber amber salt", "salt road", "glass"]
 
@@ -171,12 +169,7 @@ def test_rag_sft_trains_on_prompts_with_shuffled_retrieved_passages_and_evaluate
     training rows are the questions with their ``top_k`` passages (the answering one among them, order
     shuffled), its held-out rows the held-out questions with theirs in retrieval order, and a short run lowers
     the loss (a conftest-shaped random Llama with room for two passages)."""
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, 0, max_position_embeddings=256)
     towns = lore_towns()["train"][:8]
     questions = [question for town in towns for question in town.questions()]
     stage_options = {"data": str(write_jsonl(tmp_path / "train.jsonl", questions[:24])),
