@@ -128,6 +128,16 @@ def _plugins(arguments: argparse.Namespace) -> int:
         contributes = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info["contributes"].items())
         table.add_row(info["name"], info["source"], contributes or "-")
     console.print(table)
+    if report["domains"]:
+        domains = Table(title="domains (polm domain recipe NAME | eval NAME CHECKPOINT)")
+        for column in ("domain", "plugin", "contributes"):
+            domains.add_column(column)
+        for info in report["domains"]:
+            parts = {"datasets": ", ".join(info["datasets"]), "recipe": "; ".join(info["recipe"]),
+                     "evaluator": ", ".join(info["metrics"]), "tokenizer": json.dumps(info["tokenizer"] or "")}
+            domains.add_row(f"{info['name']}\n{info['description']}", info["plugin"],
+                            "\n".join(f"{part}: {text}" for part, text in parts.items() if text.strip('"')))
+        console.print(domains)
     for problem in report["problems"]:
         console.print(f"[red]{problem}")
     return 0

@@ -195,6 +195,19 @@ def polm_register_retrievers(register: Register) -> None:
     """
 
 
+@hookspec
+def polm_register_domains(register: Register) -> None:
+    """Contribute domains: what adapting a model to one field (code, mathematics...) takes.
+
+    Called once when the plugin manager is built. ``obj`` is a :class:`polm.engine.domains.Domain`: the
+    bundled datasets it provides, by name (registered through :func:`polm_register_datasets`), its recipe
+    of stages (a YAML path or the same mapping; ``polm domain recipe NAME`` prints it for ``polm run``), its
+    evaluator ``(model, tokenizer, **options) -> {metric: value}`` (``polm domain eval NAME CHECKPOINT``),
+    the names of the metrics that returns, and optional settings of a tokenizer extension. ``polm plugins``
+    lists each domain with what it contributes.
+    """
+
+
 @hookspec(firstresult=True)
 def polm_load_model(path: Path, tokenizer: Any) -> tuple[torch.nn.Module, Any] | None:
     """Load a model folder that this plugin knows how to read.

@@ -251,6 +251,7 @@ class Pipeline:
             if finished:
                 if stage.trains_policy:
                     model = stage.load_finished(model, final_dir)
+                    tokenizer = stage.load_finished_tokenizer(tokenizer, final_dir)
                 metrics = json.loads((final_dir / STAGE_FILE).read_text())["metrics"]
                 result.stages.append(StageResult(stage.name, metrics, final_dir, before))
                 continue
@@ -261,6 +262,9 @@ class Pipeline:
             if output.interrupted:
                 result.stages.append(StageResult(stage.name, output.metrics, None, before, interrupted=True))
                 break
+            starting_tokenizer = tokenizer
+            if output.tokenizer is not None:  # the stage changed the vocabulary (and the model's embeddings)
+                tokenizer = output.tokenizer
             if processes.is_main_process:
                 with atomic_directory(final_dir) as directory:
                     save_model(model, tokenizer, directory)
@@ -274,6 +278,7 @@ class Pipeline:
             result.stages.append(StageResult(stage.name, output.metrics, final_dir, before))
             if not stage.trains_policy:
                 model = starting  # its final/ holds a side model; the next stage continues from the policy
+                tokenizer = starting_tokenizer
         return result
 
     def _changes_from(self, previous: dict[str, Any], description: dict[str, Any], output_dir: Path) -> list[str]:

@@ -178,6 +178,11 @@ def plugins_report() -> dict[str, Any]:
     """What ``polm plugins --json`` prints and the app's Plugins tab shows.
 
     Returns:
-        ``{"plugins": [{name, source, contributes: {kind: [names]}}], "problems": [lines]}``.
+        ``{"plugins": [{name, source, contributes: {kind: [names]}}], "domains": [{name, plugin, description,
+        datasets, recipe, metrics, tokenizer}], "problems": [lines]}`` (:func:`polm.engine.domains.describe_domains`).
     """
-    return {"plugins": [dict(info.__dict__) for info in state().describe()], "problems": plugin_problems()}
+    from polm.engine.domains import describe_domains  # domains reads the registries of this module
+
+    domains, domain_problems = describe_domains()
+    return {"plugins": [dict(info.__dict__) for info in state().describe()], "domains": domains,
+            "problems": plugin_problems() + domain_problems}

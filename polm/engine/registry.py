@@ -23,6 +23,7 @@ COMPONENT_KINDS: tuple[str, ...] = (
     "commands",
     "merge_methods",
     "retrievers",
+    "domains",
 )
 
 

@@ -47,11 +47,18 @@ class StageContext:
 
 @dataclass
 class StageOutput:
-    """What a stage returns: the trained model and its final metrics."""
+    """What a stage returns: the trained model and its final metrics.
+
+    Attributes:
+        tokenizer: set by a stage that changes the tokenizer (a larger vocabulary, with the model's embeddings
+            resized to it): the pipeline saves it in the stage's ``final/`` and hands it to the next stages.
+            None keeps the tokenizer the stage was handed.
+    """
 
     model: torch.nn.Module
     metrics: dict[str, float]
     interrupted: bool = False
+    tokenizer: Any = None
 
 
 class Stage:
@@ -202,3 +209,9 @@ class Stage:
         ``final_dir`` itself."""
         tuning_method(self.options).load_weights(model, final_dir)
         return model
+
+    def load_finished_tokenizer(self, tokenizer: Any, final_dir: Path) -> Any:
+        """The tokenizer the stages after this one use when a resumed run finds it finished: ``tokenizer``, the
+        one it started with. A stage whose :class:`StageOutput` carries a tokenizer reads it back from
+        ``final_dir``."""
+        return tokenizer
