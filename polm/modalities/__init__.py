@@ -3,8 +3,8 @@
 This package is a built-in plugin: it registers the ``polm-tiny`` model, the
 encoders ``open_clip:<architecture>`` and ``whisper:<size>``, and the bundled
 datasets ``polm:arithmetic``, ``polm:arithmetic-worked``, ``polm:arithmetic-paths``,
-``polm:arithmetic-prefs``, ``polm:arithmetic-think``, ``polm:arithmetic-steps``, ``polm:shapes`` and
-``polm:tones``; and it loads saved multimodal models (``polm_load_model``).
+``polm:arithmetic-prefs``, ``polm:arithmetic-think``, ``polm:arithmetic-steps``, ``polm:facts``, ``polm:shapes``
+and ``polm:tones``; and it loads saved multimodal models (``polm_load_model``).
 """
 
 from __future__ import annotations
@@ -99,3 +99,8 @@ def polm_register_datasets(register: Register) -> None:
         BundledDataset(partial(arithmetic_step_rows),
                        description="step-labelled multi-step solutions, half with a wrong step (for a PRM)"),
     )
+    from polm.modalities.text.tasks.facts import SPLITS as FACT_SPLITS
+    from polm.modalities.text.tasks.facts import facts_rows
+
+    register("facts", BundledDataset(facts_rows, splits=FACT_SPLITS, description=(
+        "invented places' capitals, founders and languages: text to teach them, and 50 edit requests")))
