@@ -1,4 +1,5 @@
-"""polm's logger: ``logging.getLogger("polm")``, one line per warning on standard error through rich.
+"""polm's logger: ``logging.getLogger("polm")``, one line per warning on standard error through rich; and
+polm's progress bar (:func:`progress_bar`).
 
 Every warning polm gives goes through :func:`get_logger` (as transformers' go through its own logger), so
 users silence or redirect polm with the standard ``logging`` machinery, for example
@@ -11,6 +12,15 @@ import logging
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 LOGGER_NAME = "polm"
 
@@ -26,3 +36,10 @@ def get_logger() -> logging.Logger:
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
     return logger
+
+
+def progress_bar(name: str, enabled: bool, *columns: ProgressColumn) -> Progress:
+    """polm's progress bar for long work: ``name``, the bar, done of total, ``columns`` (a task's own figures),
+    time elapsed and remaining; drawn only when ``enabled`` (the main process, a command that shows progress)."""
+    return Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), *columns, TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)

@@ -38,14 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, is_tensorboard_available
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn
 from transformers import get_scheduler
 
 from polm.engine.checkpoint import (
@@ -63,6 +56,7 @@ from polm.engine.checkpoint import (
 from polm.engine.data import Row
 from polm.engine.distributed import cpu_launch
 from polm.engine.errors import PolmError
+from polm.engine.log import progress_bar
 from polm.engine.options import StageOptions
 from polm.engine.rl.on_policy import Collect, MicroBatchLoss, OnPolicySteps, normalising_shares
 from polm.engine.stage import StageContext, StageOutput
@@ -294,17 +288,8 @@ def _record_step(line: str) -> float:
 
 
 def _progress(name: str, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    return progress_bar(name, enabled, TextColumn("loss {task.fields[loss]}"),
+                        TextColumn("{task.fields[speed]} tok/s"))
 
 
 def train(name: str, context: StageContext, options: StageOptions, task: TrainingTask | OnPolicyTask) -> StageOutput:

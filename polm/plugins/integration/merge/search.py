@@ -32,17 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from polm.engine.errors import PolmError
+from polm.engine.log import progress_bar
 from polm.plugins.integration.merge.config import MergeConfig, check_merge_config, merged_models
 from polm.plugins.integration.merge.evaluate import (
     DEFAULT_EVAL_SIZE,
@@ -219,8 +212,7 @@ def search_merge(config: MergeConfig, output: str | Path, tasks: Sequence[str | 
     output.parent.mkdir(parents=True, exist_ok=True)
     scores: list[ScoredModel] = []
     chosen, chosen_report = 0, None
-    progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), disable=not show_progress)
+    progress = progress_bar("search", show_progress)
     # Beside the output, so that the chosen folder becomes the output by a rename; named as the output inside
     # (the model card's title is the folder's name).
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.search-") as work, progress:

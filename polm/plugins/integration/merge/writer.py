@@ -17,16 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from polm.engine.log import get_logger
+from polm.engine.log import get_logger, progress_bar
 from polm.plugins.integration.merge.inputs import CONFIG_FILE, GENERATION_CONFIG_FILE, MergeInput
 
 #: The shard size past which the weights are split over several files (transformers' convention of names).
@@ -68,8 +60,7 @@ def write_weights(folder: Path, names: Sequence[str], sizes: Sequence[int], prod
 
     files = shard_names(sizes, max_shard_bytes)
     pending: dict[str, torch.Tensor] = {}
-    progress = Progress(TextColumn("[bold]merge"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), disable=not show_progress)
+    progress = progress_bar("merge", show_progress)
     with progress:
         task = progress.add_task("merge", total=len(names))
         for index, (name, file) in enumerate(zip(names, files)):
