@@ -38,7 +38,7 @@ from polm.engine.media import reads_media
 from polm.engine.models import load_model
 from polm.engine.option_groups import DataOptions
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.tuning import is_peft, unwrap_peft
+from polm.engine.tuning import unwrap_peft
 
 #: The candidate strings: a word or identifier (letters and underscores, ``__init__``), a run of punctuation
 #: (``):``, ``==``), either with the one space before it, and runs of whitespace (``"\n   "``: a newline and
@@ -267,7 +267,7 @@ class ExtendVocabularyStage(Stage):
         if reads_media(model):
             raise PolmError(f"{self.name}: {type(model).__name__} reads media; extend_vocabulary takes text "
                             "language models")
-        return unwrap_peft(model) if is_peft(model) else model
+        return unwrap_peft(model)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """``tokens_per_byte`` of the held-out rows with ``tokenizer``."""

@@ -39,7 +39,7 @@ from polm.engine.media import reads_media
 from polm.engine.models import count_parameters, load_model
 from polm.engine.stage import StageContext, StageOutput
 from polm.engine.trainer import TrainingTask
-from polm.engine.tuning import is_peft, unwrap_peft
+from polm.engine.tuning import unwrap_peft
 from polm.plugins.efficiency.prune.calibration import collect_input_statistics
 from polm.plugins.efficiency.prune.methods import (
     global_masks,
@@ -144,7 +144,7 @@ class PruneStage(LanguageModellingStage):
         """
         if reads_media(model):
             raise PolmError(f"{self.name}: {type(model).__name__} reads media; prune prunes text language models")
-        return super().prepare(unwrap_peft(model) if is_peft(model) else model)
+        return super().prepare(unwrap_peft(model))
 
     def check_inputs(self, model: torch.nn.Module) -> None:
         """The base checks, and that ``model`` has the decoder layers and projections to prune as asked.

@@ -31,7 +31,7 @@ from polm.engine.media import reads_media
 from polm.engine.models import load_model
 from polm.engine.quiet import no_transformers_progress
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.tuning import is_peft, unwrap_peft
+from polm.engine.tuning import unwrap_peft
 from polm.plugins.efficiency.quantize.methods import METHODS, check_torchao, find_method
 
 
@@ -80,7 +80,7 @@ class QuantizeStage(Stage):
         """
         if reads_media(model):
             raise PolmError(f"{self.name}: {type(model).__name__} reads media; quantize takes text language models")
-        return unwrap_peft(model) if is_peft(model) else model
+        return unwrap_peft(model)
 
     def check_inputs(self, model: torch.nn.Module) -> None:
         """``group_size`` divides the input size of each Linear an int4 method quantizes; then the base checks."""

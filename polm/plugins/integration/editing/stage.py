@@ -26,7 +26,7 @@ from polm.engine.errors import PolmError
 from polm.engine.media import reads_media
 from polm.engine.models import load_model
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.tuning import is_peft, unwrap_peft
+from polm.engine.tuning import unwrap_peft
 from polm.plugins.integration.editing.api import METHODS, edit
 from polm.plugins.integration.editing.requests import load_requests
 from polm.plugins.integration.editing.scores import edit_scores
@@ -119,7 +119,7 @@ class EditStage(Stage):
         """
         if reads_media(model):
             raise PolmError(f"{self.name}: {type(model).__name__} reads media; edit takes text language models")
-        return unwrap_peft(model) if is_peft(model) else model
+        return unwrap_peft(model)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """``efficacy``, ``paraphrase`` and ``neighbourhood`` of the requests on ``model`` (:mod:`.scores`)."""

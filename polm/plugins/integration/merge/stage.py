@@ -31,7 +31,7 @@ from polm.engine.errors import PolmError
 from polm.engine.media import reads_media
 from polm.engine.models import load_model
 from polm.engine.stage import Stage, StageContext, StageOutput
-from polm.engine.tuning import is_peft, unwrap_peft
+from polm.engine.tuning import unwrap_peft
 from polm.plugins.integration.merge.config import MergeConfig, check_merge_config
 from polm.plugins.integration.merge.merge import merge_models
 from polm.plugins.integration.merge.writer import RECORD_FILE
@@ -54,8 +54,8 @@ class MergeStage(Stage):
         """The starting model with an earlier stage's adapters merged in (a multimodal model's into its language
         model)."""
         if reads_media(model):
-            return model.tune_language_model(lambda lm: unwrap_peft(lm) if is_peft(lm) else lm)
-        return unwrap_peft(model) if is_peft(model) else model
+            return model.tune_language_model(unwrap_peft)
+        return unwrap_peft(model)
 
     def run(self, context: StageContext) -> StageOutput:
         main = process_state().is_main_process
